@@ -1,0 +1,3 @@
+from vpref.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,435 @@
+"""Typed configuration: YAML files in configs/, `--set a.b=value` overrides, clear errors.
+
+Every key has a default and a one-line description (`vpref config show --doc` lists them).  The
+defaults are the CPU demo on the synthetic world, so `Config()` is the embedded default that
+`vpref demo` runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names key, value and fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def F(default, doc: str, **kw):
+    return Field(default, description=doc, **kw)
+
+
+def FL(factory, doc: str, **kw):
+    return Field(default_factory=factory, description=doc, **kw)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class RunConfig(_Section):
+    name: str = F("demo", "name of the run (also its Ray Train experiment name)")
+    out_dir: str = F("runs/demo", "folder for everything the run writes: data, checkpoints, metrics, state")
+    seed: int = F(0, "global seed for sampling, shuffling and initialisation")
+
+
+class RayConfig(_Section):
+    address: str | None = F(
+        None, "Ray cluster to join; null: the job's cluster under `ray job submit` (RAY_ADDRESS), else a new local one"
+    )
+    num_cpus: int | None = F(None, "CPUs for a new local cluster (null: all of this machine's)")
+    include_dashboard: bool = F(False, "start the dashboard with a new local cluster")
+    namespace: str = F("vpref", "Ray namespace that holds vpref's named actors")
+
+
+class SynthConfig(_Section):
+    out: str = F("data/synth", "folder the synthetic video-QA world is written to")
+    n: int = F(480, "number of videos", ge=3)
+    seed: int = F(0, "seed of the world (same seed, same videos and questions)")
+    size: int = F(64, "frame width and height in pixels", ge=32)
+    min_frames: int = F(8, "fewest frames in a video", ge=2)
+    max_frames: int = F(16, "most frames in a video", ge=2)
+    fps: int = F(8, "frames per second of the written mp4 files", ge=1)
+    split: tuple[float, float, float] = F((0.7, 0.1, 0.2), "train/dev/test fractions of the videos")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_frames > self.max_frames:
+            raise ValueError(f"min_frames ({self.min_frames}) must be <= max_frames ({self.max_frames})")
+        if abs(sum(self.split) - 1.0) > 1e-6 or min(self.split) < 0:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self.split}")
+        return self
+
+
+class DataConfig(_Section):
+    root: str = F("data/synth", "data root: manifest video paths may not point outside it")
+    train: str = F("data/synth/train.jsonl", "manifest (JSONL or Parquet) of the training questions")
+    dev: str = F("data/synth/dev.jsonl", "manifest of the dev questions (ExPO alpha selection, SFT report)")
+    test: str = F("data/synth/test.jsonl", "manifest of the held-out test questions (evaluation)")
+    num_frames: int = F(8, "frames sampled uniformly from each video", ge=1)
+    frame_size: int | None = F(None, "resize frames to this square size when decoding (null: keep)")
+    decode_timeout_s: float = F(30.0, "seconds a single video may take to decode before it is rejected", gt=0)
+
+
+class SamplingConfig(_Section):
+    temperature: float = F(1.0, "sampling temperature; 0 means greedy", ge=0)
+    top_p: float = F(1.0, "nucleus sampling mass", gt=0, le=1)
+    max_new_tokens: int = F(48, "longest answer in tokens", ge=1)
+    n: int = F(1, "answers sampled per question", ge=1)
+    seed: int = F(0, "sampling seed (combined with the round and the batch)")
+
+
+class ResourcesConfig(_Section):
+    num_cpus: float = F(1.0, "CPUs per actor", ge=0)
+    num_gpus: float = F(0.0, "GPUs per actor (fractions share a GPU)", ge=0)
+    custom: dict[str, float] = FL(dict, "custom Ray resources per actor, e.g. {judge: 1} to land on judge nodes")
+
+
+class VLLMConfig(_Section):
+    tensor_parallel_size: int = F(1, "GPUs per engine (tensor parallel, through a placement group)", ge=1)
+    gpu_memory_utilization: float = F(0.85, "fraction of each GPU's memory the engine may take", gt=0, le=1)
+    max_model_len: int | None = F(None, "context length (null: the model's)")
+    enable_sleep_mode: bool = F(False, "allow sleep/wake so generation and training can share GPUs")
+    enforce_eager: bool = F(False, "disable CUDA graphs (faster start, slower decode)")
+    limit_videos_per_prompt: int = F(1, "videos per prompt the engine reserves memory for", ge=1)
+
+
+class ZooMember(_Section):
+    name: str = F("policy", "unique name of this generator (actor names are gen-<name>-<i>)")
+    path: str = F("runs/demo/sft/policy", "Hugging Face checkpoint folder of the model")
+    backend: Literal["hf", "vllm"] = F("hf", "generation backend: hf (CPU/GPU) or vllm (GPU only)")
+    policy: bool = F(False, "this member is the policy being trained (reloaded every round)")
+    role: Literal["generator", "captioner"] = F(
+        "generator", "generator answers questions; captioner writes captions when the manifest has none"
+    )
+    sampling: SamplingConfig = FL(SamplingConfig, "how this member samples")
+    replicas: int = F(1, "actors hosting this model", ge=1)
+    batch_size: int = F(16, "questions per generate call", ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "weights dtype")
+    resources: ResourcesConfig = FL(ResourcesConfig, "Ray resources of each replica")
+    vllm: VLLMConfig = FL(VLLMConfig, "vLLM engine options (backend: vllm)")
+
+
+def _demo_zoo() -> list[ZooMember]:
+    s = "runs/demo/sft"
+    return [
+        ZooMember(name="policy", path=f"{s}/policy", policy=True,
+                  sampling=SamplingConfig(temperature=1.0, n=2)),
+        ZooMember(name="strong", path=f"{s}/strong", sampling=SamplingConfig(temperature=0.7, n=1)),
+        ZooMember(name="noisy", path=f"{s}/noisy", sampling=SamplingConfig(temperature=1.0, n=1)),
+    ]
+
+
+class SFTMember(_Section):
+    name: str = F("policy", "folder name of this checkpoint under sft.out")
+    size: str = F("1m", "tiny Qwen2.5-VL size: 0.2m, 1m, 3m or 5m parameters")
+    steps: int = F(300, "optimizer steps", ge=0)
+    label_noise: float = F(0.0, "fraction of training answers replaced by a wrong one", ge=0, le=1)
+    seed: int = F(0, "initialisation and shuffling seed")
+    init_from: str | None = F(None, "start from an earlier member's weights (a longer-trained sibling) instead of random")
+
+
+def _demo_sft_members() -> list[SFTMember]:
+    return [
+        SFTMember(name="policy", size="1m", steps=300),
+        SFTMember(name="strong", size="1m", steps=400, seed=1, init_from="policy"),
+        SFTMember(name="noisy", size="1m", steps=300, label_noise=0.3, seed=2),
+    ]
+
+
+class SFTConfig(_Section):
+    out: str = F("runs/demo/sft", "folder the SFT checkpoints are written to (one sub-folder per member)")
+    members: list[SFTMember] = FL(_demo_sft_members, "checkpoints to train: the policy and other zoo members")
+    batch_size: int = F(16, "questions per step", ge=1)
+    lr: float = F(1e-3, "peak AdamW learning rate", gt=0)
+    warmup_steps: int = F(20, "linear warm-up steps", ge=0)
+    weight_decay: float = F(0.01, "AdamW weight decay", ge=0)
+    vocab_size: int = F(1024, "vocabulary of the locally trained tokenizer", ge=300)
+    eval_max_new_tokens: int = F(48, "answer length limit when reporting dev accuracy", ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        names = [m.name for m in self.members]
+        for i, m in enumerate(self.members):
+            if names.count(m.name) > 1:
+                raise ValueError(f"member names must be unique; {m.name!r} repeats")
+            if m.init_from and m.init_from not in names[:i]:
+                raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} must name an earlier member {names[:i]}")
+        return self
+
+
+class JudgePoolConfig(_Section):
+    min: int = F(1, "judge actors always kept", ge=0)
+    max: int = F(2, "most judge actors (the rest of the demand stays pending for the autoscaler)", ge=1)
+    batch_size: int = F(16, "items a judge pulls from the queue at once", ge=1)
+    scale_up_depth: int = F(32, "queue depth above which the pool adds a judge", ge=1)
+    idle_s: float = F(10.0, "seconds a judge may idle before the pool removes it (down to min)", gt=0)
+    interval_s: float = F(0.5, "seconds between scaling decisions", gt=0)
+    resources: ResourcesConfig = FL(
+        lambda: ResourcesConfig(num_cpus=0.5), "Ray resources of each judge actor"
+    )
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class JudgeConfig(_Section):
+    kind: Literal["reference", "llm"] = F(
+        "reference", "reference: deterministic rubric judge of the synthetic world; llm: a language model judge"
+    )
+    rubric: Literal["mmaipv", "vlfeedback", "vlmrlaif"] = F("mmaipv", "rubric template of the LLM judge")
+    model: str | None = F(None, "LLM judge checkpoint folder (kind: llm)")
+    backend: Literal["hf", "vllm"] = F("hf", "LLM judge backend")
+    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "LLM judge weights dtype")
+    show_reference: bool = F(True, "show the manifest's reference answer to the LLM judge when there is one")
+    pairwise_check: bool = F(False, "re-judge each candidate pair pairwise in both orders; drop inconsistent ones")
+    max_parse_retries: int = F(2, "extra attempts when a judge answer does not parse (then a failure record)", ge=0)
+    max_new_tokens: int = F(64, "longest judge answer in tokens", ge=1)
+    retry_temperature: float = F(0.7, "sampling temperature of the retries (the first attempt is greedy)", ge=0)
+    pool: JudgePoolConfig = FL(JudgePoolConfig, "the elastic judge pool")
+    vllm: VLLMConfig = FL(VLLMConfig, "vLLM engine options (backend: vllm)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "llm" and not self.model:
+            raise ValueError("kind 'llm' needs judge.model (a checkpoint folder)")
+        return self
+
+
+class PairsConfig(_Section):
+    strategy: Literal["best_vs_worst", "all_pairs"] = F(
+        "best_vs_worst", "best_vs_worst: one pair per question (MMAIP-V); all_pairs: every ranked pair (VLFeedback)"
+    )
+    min_margin: float = F(0.5, "smallest overall-score gap a pair may have; ties are always dropped", ge=0)
+    max_length_ratio: float | None = F(
+        None, "length-bias guard: drop pairs whose chosen answer is longer than this times the rejected (null: off)"
+    )
+
+
+class BuildConfig(_Section):
+    split: Literal["train", "dev", "test"] = F("train", "manifest the preference data is built from")
+    max_samples: int | None = F(None, "use only the first N questions (null: all)")
+    queue_size: int = F(256, "bound of the response queue; a full queue slows the generators", ge=1)
+    out: str = F("runs/demo/data", "output folder of a standalone `vpref build-data`")
+
+
+class LoraConfig(_Section):
+    enabled: bool = F(False, "train LoRA adapters instead of all weights (merged for export)")
+    r: int = F(16, "adapter rank", ge=1)
+    alpha: int = F(32, "adapter scaling numerator", ge=1)
+    dropout: float = F(0.0, "adapter dropout", ge=0, lt=1)
+    target_modules: list[str] = FL(lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters")
+
+
+class DPOConfig(_Section):
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = F("sigmoid", "preference loss (TRL names)")
+    beta: float = F(0.1, "strength of the KL anchor to the reference (IPO: tau)", gt=0)
+    label_smoothing: float = F(0.0, "assumed label noise: cDPO for sigmoid, the robust loss's epsilon", ge=0, lt=0.5)
+    nll_coef: float = F(0.0, "weight of an NLL term on the chosen answers (RPO)", ge=0)
+    lr: float = F(5e-4, "peak AdamW learning rate", gt=0)
+    epochs: int = F(2, "passes over the round's pairs", ge=1)
+    batch_size: int = F(8, "pairs per worker per step", ge=1)
+    grad_accum: int = F(1, "micro-batches per optimizer step", ge=1)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = F(0.1, "fraction of steps with linear warm-up", ge=0, lt=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
+    freeze_vision: bool = F(True, "keep the vision tower frozen (only the language model learns)")
+    num_workers: int = F(2, "Ray Train workers (0: run in the driver process, for debugging)", ge=0)
+    cpus_per_worker: float = F(1.0, "CPUs per training worker", gt=0)
+    use_gpu: bool = F(False, "one GPU per training worker")
+    strategy: Literal["ddp", "deepspeed"] = F("ddp", "ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
+    zero_stage: Literal[1, 2, 3] = F(2, "DeepSpeed ZeRO stage")
+    bf16: bool = F(False, "bfloat16 mixed precision (DeepSpeed)")
+    gradient_checkpointing: bool = F(False, "recompute activations in the backward pass to save memory")
+    offload_optimizer: bool = F(False, "DeepSpeed: keep optimizer state on the CPU")
+    checkpoint_every: int = F(0, "steps between mid-training checkpoints (0: once per epoch)", ge=0)
+    max_failures: int = F(2, "worker failures Ray Train recovers from by restarting from the last checkpoint", ge=0)
+    ref_batch_size: int = F(16, "pairs per forward when computing reference log-probs", ge=1)
+    lora: LoraConfig = FL(LoraConfig, "optional LoRA")
+
+
+class LoopConfig(_Section):
+    rounds: int = F(3, "Iter-W2S-RLAIF rounds", ge=0)
+    reference: Literal["previous", "initial", "mix"] = F(
+        "previous", "reference of each round: previous round's policy (Iter-W2S), the SFT policy, or a TR-DPO mix"
+    )
+    mix_alpha: float = F(0.6, "reference: mix -> ref = a*previous_policy + (1-a)*previous_reference", ge=0, le=1)
+    alpha: float = F(0.3, "ExPO extrapolation: theta = theta_dpo + alpha*(theta_dpo - theta_ref)", ge=0)
+    alpha_grid: list[float] | None = F(
+        None, "if set, pick alpha from this grid by the judge's score on the dev split (every score is recorded)"
+    )
+    alpha_dev_samples: int = F(120, "dev questions used to score each alpha", ge=1)
+
+
+class EvalConfig(_Section):
+    split: Literal["dev", "test"] = F("test", "manifest evaluated each round")
+    max_samples: int | None = F(None, "evaluate only the first N questions (null: all)")
+    batch_size: int = F(32, "questions per generate call", ge=1)
+    max_new_tokens: int = F(48, "answer length limit", ge=1)
+
+
+class Config(_Section):
+    run: RunConfig = FL(RunConfig, "run name, output folder and seed")
+    ray: RayConfig = FL(RayConfig, "which Ray cluster to use")
+    synth: SynthConfig = FL(SynthConfig, "the synthetic video-QA world (`vpref synth`)")
+    data: DataConfig = FL(DataConfig, "manifests and video decoding")
+    sft: SFTConfig = FL(SFTConfig, "SFT warm start of the tiny policy and zoo (`vpref sft`)")
+    zoo: list[ZooMember] = FL(_demo_zoo, "generator models that answer each question (one is the policy)")
+    judge: JudgeConfig = FL(JudgeConfig, "how answers are scored")
+    pairs: PairsConfig = FL(PairsConfig, "how judged answers become chosen/rejected pairs")
+    build: BuildConfig = FL(BuildConfig, "the data engine (`vpref build-data`)")
+    dpo: DPOConfig = FL(DPOConfig, "DPO on Ray Train")
+    loop: LoopConfig = FL(LoopConfig, "Iter-W2S-RLAIF rounds (`vpref run`)")
+    eval: EvalConfig = FL(EvalConfig, "evaluation each round")
+
+    @field_validator("zoo")
+    @classmethod
+    def _zoo(cls, zoo):
+        names = [m.name for m in zoo]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"zoo member names must be unique; repeated: {dup}")
+        if sum(m.policy for m in zoo) > 1:
+            raise ValueError("at most one zoo member may be the policy (policy: true)")
+        return zoo
+
+    @property
+    def policy_member(self) -> ZooMember | None:
+        return next((m for m in self.zoo if m.policy), None)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            node = node[int(k)]
+            continue
+        if k not in node or node[k] is None:
+            node[k] = [] if nxt.isdigit() else {}
+        node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value (e.g. dpo.beta=0.2)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.strip(), value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = node.model_fields.get(part) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        node = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if node is None:
+            return []
+    return sorted(node.model_fields) if node else []
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc)
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            lines.append(f"unknown key '{key}'{hint}; allowed here: {', '.join(allowed)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            if isinstance(value, (dict, list)):  # a whole section: its own message names the keys
+                lines.append(f"section '{key}': {msg}")
+            else:
+                lines.append(f"key '{key}': value {value!r} is not allowed: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML (or start from the defaults when `path` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = Config.model_validate(data).model_dump(mode="json") if _valid(data) else data
+        for o in overrides:
+            key, value = parse_override(o)
+            try:
+                _set_dotted(data, key, value)
+            except (KeyError, IndexError, ValueError, TypeError):
+                raise ConfigError(f"override {o!r}: '{key}' does not name a key in the config") from None
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def _valid(data: dict) -> bool:
+    try:
+        Config.model_validate(data)
+        return True
+    except ValidationError:
+        return False
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every key, for `vpref config show --doc`."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None:
+            rows.append((key, "", field.description or ""))
+            rows += describe_keys(sub, key + ".")
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list) and default and isinstance(default[0], BaseModel):
+            rows.append((key, f"[{len(default)} items]", field.description or ""))
+            rows += describe_keys(type(default[0]), key + ".<i>.")
+            continue
+        rows.append((key, repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,45 @@
+"""Batched Hugging Face `generate` over video questions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vpref.models.video_lm import VideoLM
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finish_reason: str  # "stop": ended its turn; "length": hit max_new_tokens
+
+
+def generate(vlm: VideoLM, clips, questions, sampling, fps=None, seed: int | None = None) -> list[list[Completion]]:
+    """`sampling.n` completions per (clip, question).  `sampling` has temperature, top_p,
+    max_new_tokens, n, seed (a `SamplingConfig`); temperature 0 means greedy."""
+    batch = vlm.generation_batch(clips, questions, fps).to(vlm.device)
+    kwargs = dict(
+        max_new_tokens=sampling.max_new_tokens,
+        num_return_sequences=sampling.n,
+        eos_token_id=vlm.eos_id,
+        pad_token_id=vlm.pad_id,
+    )
+    if sampling.temperature > 0:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+    else:
+        kwargs.update(do_sample=False)
+    torch.manual_seed(sampling.seed if seed is None else seed)
+    with torch.no_grad():
+        out = vlm.model.generate(**batch.inputs, **kwargs)
+    new = out[:, batch.inputs["input_ids"].shape[1]:].tolist()
+    completions = []
+    for row in new:
+        if vlm.eos_id in row:
+            row, reason = row[: row.index(vlm.eos_id)], "stop"
+        else:
+            row, reason = [t for t in row if t != vlm.pad_id], "length"
+        completions.append(Completion(vlm.decode(row), len(row), reason))
+    n = sampling.n
+    return [completions[i * n : (i + 1) * n] for i in range(len(questions))]
