@@ -34,7 +34,7 @@ class Sample:
     def to_row(self, root: Path | None = None) -> dict:
         row = asdict(self)
         if root is not None:
-            row["video"] = str(Path(self.video).relative_to(root))
+            row["video"] = str(Path(self.video).resolve().relative_to(root))
         return row
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import select
 import stat
 import struct
@@ -98,6 +99,12 @@ def _check_file(path: Path) -> None:
             raise VideoDecodeError(path, "permission denied")
 
 
+def _decord_message(e: Exception) -> str:
+    """decord's first error line without its '[time] source.cc:line:' prefix."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line).replace("ERROR ", "").strip()
+
+
 def _decode_decord(path: str, num_frames: int, size: tuple[int, int] | None) -> Clip:
     import decord
 
@@ -107,9 +114,9 @@ def _decode_decord(path: str, num_frames: int, size: tuple[int, int] | None) -> 
     try:
         vr = decord.VideoReader(path, ctx=decord.cpu(0), **kwargs)
     except Exception as e:  # decord raises its own DECORDError for every failure
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "stream" in msg.lower() and "video" in msg.lower():
-            raise VideoDecodeError(path, f"no video stream (audio-only or not a video): {msg}") from None
+        msg = _decord_message(e)
+        if "video stream" in msg:
+            raise VideoDecodeError(path, "no video stream (audio-only, no frames, or not a video)") from None
         raise VideoDecodeError(path, f"corrupt or unsupported video: {msg}") from None
     total = len(vr)
     if total <= 0:
@@ -132,7 +139,7 @@ def _decode_pyav(path: str, num_frames: int, size: tuple[int, int] | None) -> Cl
         raise VideoDecodeError(path, f"corrupt or unsupported video: {e}") from None
     with container:
         if not container.streams.video:
-            raise VideoDecodeError(path, "no video stream (audio-only or not a video)")
+            raise VideoDecodeError(path, "no video stream (audio-only, no frames, or not a video)")
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 0.0)
         kw = {"format": "rgb24"}

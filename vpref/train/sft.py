@@ -41,6 +41,12 @@ def response_nll(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[mask], targets[mask])
 
 
+def noisy_answers(samples, noise: float, rng) -> list[str]:
+    """A noisy annotator: a fixed share of the answers is wrong (one world word swapped), the
+    same way every epoch."""
+    return [perturb(s.answer, rng) if rng.random() < noise else s.answer for s in samples]
+
+
 def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: Path) -> VideoLM:
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -55,8 +61,7 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
     )
     vlm = VideoLM(model, tokenizer, VideoPreprocessor(min_pixels=56 * 56, max_pixels=112 * 112), out, "qwen2_5_vl")
-    # A noisy annotator: a fixed share of the answers is wrong, the same way every epoch.
-    answers = [perturb(s.answer, rng) if rng.random() < member.label_noise else s.answer for s in train]
+    answers = noisy_answers(train, member.label_noise, rng)
     opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=sft.weight_decay)
     model.train()
     t0, losses = time.perf_counter(), []
@@ -81,6 +86,7 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
             log(f"sft {member.name}: step {step + 1}/{member.steps} loss {np.mean(losses[-20:]):.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
     model.eval()
+    vlm.train_losses = (losses[0], float(np.mean(losses[-20:]))) if losses else (None, None)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -118,6 +124,7 @@ def run_sft(cfg: Config) -> dict:
             **member.model_dump(),
             "params": sum(p.numel() for p in vlm.model.parameters()),
             "train_seconds": round(train_s, 1),
+            "loss_first_last": vlm.train_losses,
             "dev_accuracy": acc,
             "path": str(out / member.name),
         }
