@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from vpref.config import ConfigError, describe_keys, load_config
-
-
-def _quiet_libraries() -> None:
-    """Progress bars and advisory warnings of the libraries drown vpref's own progress lines."""
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+from vpref.utils import quiet_libraries
 
 
 def _config(args):
@@ -58,6 +44,60 @@ def _print_sft_table(report: dict) -> None:
         print(f"| {name} | {m['params'] / 1e6:.2f}M | {m['steps']} | {m['label_noise']:.1f} | {accs} |")
 
 
+def cmd_build_data(args) -> int:
+    from pathlib import Path
+
+    from vpref.build import DataEngine
+    from vpref.cluster import init_ray
+    from vpref.data.card import write_card
+    from vpref.data.manifest import append_rejects, load_manifest
+    from vpref.utils import log
+
+    cfg = _config(args)
+    out = Path(cfg.build.out)
+    manifest = load_manifest(getattr(cfg.data, cfg.build.split), cfg.data.root)
+    log(manifest.summary())
+    if append_rejects(out / "rejects.jsonl", manifest.rejects):
+        log(f"{len(manifest.rejects)} manifest rows set aside in {out / 'rejects.jsonl'}")
+    samples = manifest.samples[: cfg.build.max_samples]
+    init_ray(cfg.ray)
+    engine = DataEngine(cfg, out / "_actors")
+    try:
+        result = engine.build(samples, out)
+    finally:
+        engine.shutdown()
+    stats = write_card(out, result.summary())
+    _print_card(stats, result, out)
+    return 0
+
+
+def _print_card(stats: dict, result, out) -> None:
+    print(f"\nBuild of {stats['questions']} questions in {result.seconds:.1f}s -> {out}")
+    print(f"  responses {stats['responses']} | judgments {stats['judgments']} | judge failures "
+          f"{stats['judge_failures']} ({stats['parse_failure_rate']:.1%}) | pairs {stats['pairs']} | "
+          f"rejects {result.rejects}")
+    print(f"  decodes {result.decodes['decodes']} for {result.decodes['videos']} videos "
+          f"(at most {result.decodes['max_per_video']} per video)")
+    print(f"  chosen scored above rejected: {stats['chosen_beats_rejected']}")
+    print("  | model | responses | mean score | chosen | rejected | win rate |")
+    for m, w in stats["win_rate"].items():
+        print(f"  | {m} | {w['responses']} | {w['mean_score']} | {w['chosen']} | {w['rejected']} | {w['win_rate']} |")
+    print(f"  dataset card: {out}/README.md")
+
+
+def cmd_pairs(args) -> int:
+    from vpref.actors.writer import repair
+    from vpref.config import PairsConfig
+    from vpref.data.card import write_card
+
+    cfg = PairsConfig(strategy=args.strategy, min_margin=args.min_margin, max_length_ratio=args.max_length_ratio)
+    status = repair(args.src, args.out, cfg.model_dump())
+    stats = write_card(args.out)
+    print(f"re-paired {args.src} with {cfg.strategy} (min margin {cfg.min_margin}): {status['pairs']} pairs -> {args.out}")
+    print(f"  chosen scored above rejected: {stats['chosen_beats_rejected']}")
+    return 0
+
+
 def cmd_config_show(args) -> int:
     if args.doc:
         for key, default, doc in describe_keys():
@@ -86,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("sft", help="SFT warm start of the tiny policy and zoo members"))
     s.set_defaults(fn=cmd_sft)
 
+    s = with_config(sub.add_parser("build-data", help="build preference pairs with the zoo and the judge pool"))
+    s.set_defaults(fn=cmd_build_data)
+
+    s = sub.add_parser("pairs", help="re-pair a build's saved judgments with another strategy (no regeneration)")
+    s.add_argument("src", help="folder of a finished build")
+    s.add_argument("--out", required=True, help="folder for the new pairs")
+    s.add_argument("--strategy", choices=["best_vs_worst", "all_pairs"], default="all_pairs")
+    s.add_argument("--min-margin", type=float, default=0.5)
+    s.add_argument("--max-length-ratio", type=float, default=None)
+    s.set_defaults(fn=cmd_pairs)
+
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)
     s = with_config(csub.add_parser("show", help="print the resolved config"), optional=True)
@@ -96,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -45,7 +45,9 @@ class RayConfig(_Section):
     address: str | None = F(
         None, "Ray cluster to join; null: the job's cluster under `ray job submit` (RAY_ADDRESS), else a new local one"
     )
-    num_cpus: int | None = F(None, "CPUs for a new local cluster (null: all of this machine's)")
+    num_cpus: int | None = F(
+        8, "logical CPUs of a new local cluster (the demo's actors take turns: generate, judge, train), null: all cores"
+    )
     include_dashboard: bool = F(False, "start the dashboard with a new local cluster")
     namespace: str = F("vpref", "Ray namespace that holds vpref's named actors")
 

@@ -1,0 +1,138 @@
+import pytest
+
+from vpref.judges.base import ResponseView, SampleView
+from vpref.judges.pairs import Candidate, make_pairs
+from vpref.judges.parsing import JudgeParseError, parse_scores, parse_winner
+from vpref.judges.reference import ReferenceJudge
+from vpref.judges.rubric import ASPECTS, load_rubric, render_pairwise
+
+CAPTION = ("There are two shapes. First, a red circle appears and moves left. "
+           "Last, a blue square appears and stays still.")
+COLOUR_Q = SampleView("s1", "What colour is the circle?", "The circle is red.", CAPTION, "colour")
+DESCRIBE_Q = SampleView("s2", "Describe the video in detail.", CAPTION, CAPTION, "describe")
+
+
+def _score(sample, text):
+    j = ReferenceJudge().score(sample, [ResponseView("r", text)])[0]
+    assert j.ok and set(j.scores) == {"correctness", "detail", "faithfulness", "concision"}
+    assert all(1 <= v <= 5 for v in j.scores.values()) and 1.0 <= j.overall <= 5.0
+    return j
+
+
+def test_reference_judge_prefers_correct_faithful_concise_answers():
+    right = _score(COLOUR_Q, "The circle is red.")
+    terse = _score(COLOUR_Q, "Red.")
+    wrong = _score(COLOUR_Q, "The circle is blue.")
+    hallucinated = _score(COLOUR_Q, "The circle is red and the green triangle moves up.")
+    rambling = _score(COLOUR_Q, "The circle is red. The circle is red. The circle is red. The circle is red.")
+    empty = _score(COLOUR_Q, "")
+    assert right.scores == {"correctness": 5, "detail": 5, "faithfulness": 5, "concision": 5}
+    assert right.overall > terse.overall > wrong.overall
+    assert terse.scores["detail"] < right.scores["detail"]  # names the value but not the subject
+    assert wrong.scores["correctness"] == 1
+    assert hallucinated.scores["faithfulness"] < right.scores["faithfulness"] and hallucinated.overall < right.overall
+    assert rambling.scores["concision"] <= 2 < right.scores["concision"]
+    assert empty.overall == min(j.overall for j in (right, terse, wrong, hallucinated, rambling, empty))
+
+
+def test_reference_judge_scores_descriptions_by_recall_and_precision():
+    full = _score(DESCRIBE_Q, CAPTION)
+    half = _score(DESCRIBE_Q, "There are two shapes. First, a red circle appears and moves left.")
+    wrong = _score(DESCRIBE_Q, "There are two shapes. First, a red circle appears and moves right. "
+                               "Last, a blue square appears and stays still.")
+    assert full.overall == 5.0
+    assert half.scores["detail"] < full.scores["detail"] and half.scores["faithfulness"] == 5
+    assert wrong.scores["correctness"] < 5 and wrong.scores["faithfulness"] < 5
+
+
+def test_reference_judge_is_deterministic_and_versioned():
+    a = ReferenceJudge().score(COLOUR_Q, [ResponseView("r1", "The circle is blue.")])
+    b = ReferenceJudge().score(COLOUR_Q, [ResponseView("r1", "The circle is blue.")])
+    assert a == b and a[0].rubric_version.startswith("reference@")
+    no_context = SampleView("s", "q?", None, None, None)
+    failed = ReferenceJudge().score(no_context, [ResponseView("r", "x")])[0]
+    assert not failed.ok and failed.overall is None and "needs a caption" in failed.error
+
+
+def test_reference_pairwise_is_consistent_unless_tied():
+    j = ReferenceJudge()
+    good, bad = ResponseView("g", "The circle is red."), ResponseView("b", "The circle is blue.")
+    v = j.compare(COLOUR_Q, good, bad)
+    assert v.consistent and v.preferred == "g"
+    assert j.compare(COLOUR_Q, bad, good).preferred == "g"
+    tie = j.compare(COLOUR_Q, good, ResponseView("g2", "The circle is red."))
+    assert tie.ok and not tie.consistent and tie.preferred is None
+
+
+@pytest.mark.parametrize("text", [
+    "Relevance: 4\nAccuracy: 2\nClarity: 5\nRationale: fine",
+    "**Relevance**: 4\n**Accuracy:** 2\nClarity: 5/5\n- Rationale: fine",
+    "relevance = 4\naccuracy: 2.0\nCLARITY: 5",
+])
+def test_parse_scores_accepts_presentation_variants(text):
+    scores, _ = parse_scores(text, ("relevance", "accuracy", "clarity"))
+    assert scores == {"relevance": 4, "accuracy": 2, "clarity": 5}
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "empty answer"),
+    ("Relevance: 4\nAccuracy: 2", "no 'Clarity: <1-5>' line"),
+    ("Relevance: 1-5\nAccuracy: 1-5\nClarity: 1-5", "'relevance' is '1-5', not a whole number"),
+    ("Relevance: 7\nAccuracy: 2\nClarity: 5", "score 7 is outside the whole numbers 1-5"),
+    ("Relevance: 0\nAccuracy: 2\nClarity: 5", "score 0 is outside"),
+    ("Relevance: 3.5\nAccuracy: 2\nClarity: 5", "score 3.5 is outside the whole numbers"),
+    ("Relevance: 4\nRelevance: 2\nAccuracy: 2\nClarity: 5", "given 2 different scores"),
+    ("Relevance: good\nAccuracy: 2\nClarity: 5", "'relevance' is 'good'"),
+    ("The answer is great, 5 stars.", "no 'Relevance: <1-5>' line"),
+])
+def test_parse_scores_rejects_malformed_answers_with_a_reason(text, reason):
+    with pytest.raises(JudgeParseError) as e:
+        parse_scores(text, ("relevance", "accuracy", "clarity"))
+    assert reason in str(e.value)
+
+
+def test_parse_winner():
+    assert parse_winner("Winner: A\nRationale: clearer")[0] == "A"
+    assert parse_winner("**Winner:** Answer B")[0] == "B"
+    for bad in ("", "A is better", "Winner: both", "Winner: A\nWinner: B"):
+        with pytest.raises(JudgeParseError):
+            parse_winner(bad)
+
+
+def test_rubrics_render_context_and_version():
+    for name, aspects in ASPECTS.items():
+        r = load_rubric(name)
+        text = r.render(question="Q?", response="The circle is red.", context=CAPTION, reference="R.")
+        assert CAPTION in text and "The circle is red." in text and "Reference answer: R." in text
+        for a in aspects:
+            assert f"{a.capitalize()}: <1-5>" in text
+        assert "Reference answer" not in r.render(question="Q?", response="x", context=CAPTION)
+        assert r.version.startswith(f"{name}@") and len(r.version) > len(name) + 5
+    p = render_pairwise(load_rubric("vlfeedback"), question="Q", response_a="a1", response_b="b1", context=CAPTION)
+    assert "Answer A: a1" in p and "Answer B: b1" in p and "helpfulness, faithfulness, ethics" in p
+    with pytest.raises(ValueError, match="unknown rubric"):
+        load_rubric("nope")
+
+
+def _c(rid, score, text=None, tokens=5):
+    return Candidate(rid, text or f"answer {rid}", score, tokens)
+
+
+def test_best_vs_worst_and_all_pairs():
+    cands = [_c("a", 4.0), _c("b", 2.0), _c("c", 3.0), _c("d", 3.0)]
+    [(best, worst)] = make_pairs(cands, "best_vs_worst")
+    assert (best.response_id, worst.response_id) == ("a", "b")
+    allp = {(c.response_id, r.response_id) for c, r in make_pairs(cands, "all_pairs")}
+    assert allp == {("a", "c"), ("a", "d"), ("a", "b"), ("c", "b"), ("d", "b")}  # the c/d tie is dropped
+    assert make_pairs(cands, "all_pairs", min_margin=1.5) == [(cands[0], cands[1])]
+
+
+def test_pairs_drop_ties_duplicates_and_length_bias():
+    assert make_pairs([_c("a", 3.0), _c("b", 3.0)]) == []
+    assert make_pairs([_c("a", 5.0, "same"), _c("b", 1.0, "same")]) == []  # identical texts teach nothing
+    assert make_pairs([_c("a", 4.0), _c("b", 2.0)], min_margin=2.5) == []
+    long_chosen = [_c("a", 4.0, tokens=30), _c("b", 2.0, tokens=10)]
+    assert make_pairs(long_chosen, max_length_ratio=2.0) == []
+    assert len(make_pairs(long_chosen, max_length_ratio=3.0)) == 1
+    with pytest.raises(ValueError, match="unknown pair strategy"):
+        make_pairs(long_chosen, "best_of_n")

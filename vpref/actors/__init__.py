@@ -1,0 +1,1 @@
+"""Ray actors: generators, judges and their pool, the pair writer."""

@@ -1,0 +1,123 @@
+"""GeneratorActor: hosts one zoo member's model behind a backend.
+
+Its methods map onto backend calls (the OpenRLHF vllm_engine shape): `generate` for direct use
+(captions, evaluation), `generate_batch` for the data engine (generate -> persist through the
+writer -> put on the shared queue, where a full queue blocks it: backpressure), `load_weights`
+for the in-place reload each round.  The current weights are recorded in a small state file, so
+a restarted actor comes back with the weights it had, not the ones it was created with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from vpref.actors.backends import GenRequest, make_backend
+from vpref.config import ZooMember
+from vpref.data.schema import Response, response_id
+
+
+@dataclass
+class WorkItem:
+    sample_id: str
+    question: str
+    answer: str | None
+    caption: str | None
+    family: str | None
+    video: str
+    clip: object  # ObjectRef of a vpref.data.video.Clip (decoded once, shared)
+
+
+@dataclass
+class WorkBatch:
+    member: str
+    index: int
+    round: int
+    seed: int
+    items: list[WorkItem] = field(default_factory=list)
+
+
+def queue_item(resp: Response, item: WorkItem) -> dict:
+    """What a judge needs: the response and the question's context (no frames)."""
+    return {"kind": "response", "response_id": resp.response_id, "sample_id": item.sample_id, "text": resp.text,
+            "question": item.question, "answer": item.answer, "caption": item.caption, "family": item.family}
+
+
+class GeneratorActor:
+    def __init__(self, member: dict, actor_name: str, state_file: str | None = None):
+        from vpref.utils import quiet_libraries
+        from vpref.actors.metrics import generator_metrics
+
+        quiet_libraries()
+        self.member = ZooMember.model_validate(member)
+        self.name = actor_name
+        self.state_file = Path(state_file) if state_file else None
+        self.version = 0
+        path = self.member.path
+        if self.state_file and self.state_file.is_file():  # restarted: come back as we were
+            state = json.loads(self.state_file.read_text())
+            path, self.version = state["path"], state["version"]
+        self.member.path = path
+        self.backend = make_backend(self.member)
+        self.metrics = generator_metrics()
+
+    def __repr__(self):  # Ray prefixes this actor's log lines with it
+        return self.name
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def info(self) -> dict:
+        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), **self.backend.info()}
+
+    def load_weights(self, checkpoint_dir: str, version: int) -> dict:
+        """Swap in new weights in place (same process, same engine) and bump the version."""
+        out = self.backend.load_weights(checkpoint_dir)
+        self.member.path, self.version = checkpoint_dir, version
+        if self.state_file:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"path": checkpoint_dir, "version": version}))
+            os.replace(tmp, self.state_file)
+        return {"actor": self.name, "pid": os.getpid(), "version": version, **out}
+
+    def generate(self, clips: list, questions: list[str], sampling: dict | None = None, seed: int = 0) -> list:
+        """Answer questions about clips (Clip objects or refs to them) -> completions per question."""
+        from vpref.config import SamplingConfig
+
+        clips = [ray.get(c) if isinstance(c, ray.ObjectRef) else c for c in clips]
+        s = SamplingConfig.model_validate(sampling) if sampling else self.member.sampling
+        reqs = [GenRequest(c.frames, c.sampled_fps, q) for c, q in zip(clips, questions)]
+        return self.backend.generate(reqs, s, seed)
+
+    def generate_batch(self, batch: WorkBatch, queue, writer) -> dict:
+        """Data-engine work: generate every sample of the batch, persist, enqueue for judging."""
+        t0 = time.perf_counter()
+        s = self.member.sampling
+        clips = ray.get([it.clip for it in batch.items])
+        outs = self.backend.generate([GenRequest(c.frames, c.sampled_fps, it.question)
+                                      for c, it in zip(clips, batch.items)], s, batch.seed)
+        responses, items = [], []
+        for it, comps in zip(batch.items, outs):
+            for k, c in enumerate(comps):
+                r = Response(
+                    response_id=response_id(batch.round, it.sample_id, self.member.name, k),
+                    sample_id=it.sample_id, round=batch.round, model=self.member.name, model_path=self.member.path,
+                    is_policy=self.member.policy, policy_version=self.version, index=k, text=c.text,
+                    num_tokens=c.num_tokens, finish_reason=c.finish_reason, temperature=s.temperature,
+                    top_p=s.top_p, seed=batch.seed, generator=self.name,
+                )
+                responses.append(r)
+                items.append(queue_item(r, it))
+        ray.get(writer.add_responses.remote(responses))  # durable before it is judged
+        for item in items:
+            queue.put(item)  # blocks while the queue is full
+        self.metrics["responses"].inc(len(responses), tags={"model": self.member.name})
+        return {"batch": batch.index, "member": batch.member, "responses": len(responses),
+                "seconds": time.perf_counter() - t0}

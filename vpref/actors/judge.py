@@ -1,0 +1,142 @@
+"""JudgeActor: pulls batches of responses from the shared queue, scores them, hands the
+judgments to the writer.  It runs a pull loop (`run`) on one thread while `stats` and `stop`
+answer on another, so the pool can watch and retire it without interrupting a batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+
+import ray
+from ray.util.queue import Empty
+
+from vpref.config import JudgeConfig
+from vpref.data.schema import Judgment, Verdict
+from vpref.judges.base import ResponseView, SampleView
+
+
+def make_judge(cfg: JudgeConfig, actor: str = ""):
+    """The judge a config asks for (reference judge, or an LLM judge on its backend)."""
+    if cfg.kind == "reference":
+        from vpref.judges.reference import ReferenceJudge
+
+        return ReferenceJudge(actor=actor)
+    from vpref.judges.llm import LLMJudge
+
+    if cfg.backend == "vllm":
+        from vpref.actors.vllm_backend import VLLMChat
+
+        lm = VLLMChat(cfg.model, cfg.dtype, cfg.vllm)
+    else:
+        from vpref.models.text_lm import ChatLM
+
+        lm = ChatLM.load(cfg.model, cfg.dtype)
+    return LLMJudge(lm, cfg.rubric, cfg.show_reference, cfg.max_parse_retries, cfg.max_new_tokens,
+                    cfg.retry_temperature, actor=actor)
+
+
+def sample_view(item: dict) -> SampleView:
+    return SampleView(item["sample_id"], item["question"], item.get("answer"), item.get("caption"), item.get("family"))
+
+
+def judge_items(judge, items: list[dict]) -> tuple[list[Judgment], list[Verdict]]:
+    """Score response items (grouped by question) and compare pair items."""
+    by_sample: dict[str, list[dict]] = defaultdict(list)
+    verdicts = []
+    for it in items:
+        if it["kind"] == "pair":
+            v = judge.compare(sample_view(it), ResponseView(it["first_id"], it["first_text"]),
+                              ResponseView(it["second_id"], it["second_text"]))
+            v.verdict_id = it["verdict_id"]
+            verdicts.append(v)
+        else:
+            by_sample[it["sample_id"]].append(it)
+    judgments = []
+    for group in by_sample.values():
+        judgments += judge.score(sample_view(group[0]), [ResponseView(i["response_id"], i["text"]) for i in group])
+    return judgments, verdicts
+
+
+class JudgeActor:
+    def __init__(self, cfg: dict, actor_name: str):
+        from vpref.actors.metrics import judge_metrics
+        from vpref.utils import quiet_libraries
+
+        quiet_libraries()
+        self.cfg = JudgeConfig.model_validate(cfg)
+        self.name = actor_name
+        self.judge = make_judge(self.cfg, actor=actor_name)
+        self.metrics = judge_metrics()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.busy = False
+        self.idle_since = time.monotonic()
+        self.judged = 0
+        self.failures = 0
+
+    def __repr__(self):
+        return self.name
+
+    def ready(self) -> str:
+        return self.name
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"name": self.name, "busy": self.busy, "judged": self.judged, "parse_failures": self.failures,
+                    "idle_s": 0.0 if self.busy else time.monotonic() - self.idle_since, "pid": os.getpid(),
+                    "node_id": ray.get_runtime_context().get_node_id()}
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _take(self, queue, pair_queue, batch_size: int, poll_s: float) -> list[dict]:
+        items = []
+        if pair_queue is not None:  # finishing pairs first lets their samples complete sooner
+            while len(items) < batch_size:
+                try:
+                    items.append(pair_queue.get_nowait())
+                except Empty:
+                    break
+        if len(items) < batch_size:
+            try:
+                items.append(queue.get(block=not items, timeout=poll_s if not items else None))
+            except Empty:
+                return items
+            while len(items) < batch_size:
+                try:
+                    items.append(queue.get_nowait())
+                except Empty:
+                    break
+        return items
+
+    def run(self, queue, pair_queue, writer, batch_size: int, poll_s: float = 0.5) -> int:
+        """Pull -> judge -> write until `stop` is called.  Returns how many items it judged."""
+        self._stop.clear()
+        n = 0
+        while not self._stop.is_set():
+            items = self._take(queue, pair_queue, batch_size, poll_s)
+            if not items:
+                continue
+            with self._lock:
+                self.busy = True
+            t0 = time.perf_counter()
+            judgments, verdicts = judge_items(self.judge, items)
+            if judgments:
+                ray.get(writer.add_judgments.remote(judgments))
+            if verdicts:
+                ray.get(writer.add_verdicts.remote(verdicts))
+            failures = sum(not j.ok for j in judgments) + sum(not v.ok for v in verdicts)
+            tags = {"judge": self.name}
+            self.metrics["judgments"].inc(len(judgments) + len(verdicts), tags=tags)
+            if failures:
+                self.metrics["parse_failures"].inc(failures, tags=tags)
+            self.metrics["latency"].observe(time.perf_counter() - t0, tags=tags)
+            n += len(items)
+            with self._lock:
+                self.busy, self.idle_since = False, time.monotonic()
+                self.judged += len(items)
+                self.failures += failures
+        return n

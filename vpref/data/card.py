@@ -1,0 +1,132 @@
+"""The dataset card of a build: counts, score and margin histograms, parse-failure rate, win rate
+per zoo model, lengths of chosen vs rejected; README.md + card.json + a PNG in the folder."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from vpref.data.schema import read_table, schema_doc
+
+
+def _hist(values, edges) -> list[tuple[str, int]]:
+    counts, _ = np.histogram(values, bins=edges)
+    return [(f"{a:.1f}-{b:.1f}", int(c)) for a, b, c in zip(edges[:-1], edges[1:], counts)]
+
+
+def _bars(rows: list[tuple[str, int]]) -> str:
+    top = max((c for _, c in rows), default=0) or 1
+    return "\n".join(f"    {label:>9} | {'#' * round(30 * c / top):30s} {c}" for label, c in rows)
+
+
+def card_stats(out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    resp = read_table(out, "responses").to_pandas()
+    judg = read_table(out, "judgments").to_pandas()
+    pairs = read_table(out, "pairs").to_pandas()
+    verd = read_table(out, "verdicts").to_pandas()
+    ok = judg[judg.ok] if len(judg) else judg
+    n_judg = len(judg)
+    win = {}
+    for model in sorted(set(resp.model)) if len(resp) else []:
+        c = int((pairs.chosen_model == model).sum()) if len(pairs) else 0
+        r = int((pairs.rejected_model == model).sum()) if len(pairs) else 0
+        scores = ok.merge(resp[resp.model == model][["response_id"]], on="response_id").overall if len(ok) else []
+        win[model] = {"chosen": c, "rejected": r, "win_rate": round(c / (c + r), 3) if c + r else None,
+                      "mean_score": round(float(np.mean(scores)), 3) if len(scores) else None,
+                      "responses": int((resp.model == model).sum())}
+    score_edges = np.arange(1.0, 5.01, 0.5)
+    margin_edges = np.arange(0.0, 4.01, 0.5)
+    return {
+        "questions": int(resp.sample_id.nunique()) if len(resp) else 0,
+        "responses": len(resp),
+        "generation_errors": int(resp.error.notna().sum()) if len(resp) else 0,
+        "judgments": n_judg,
+        "judge_failures": int((~judg.ok).sum()) if n_judg else 0,
+        "parse_failure_rate": round(float((~judg.ok).mean()), 4) if n_judg else 0.0,
+        "verdicts": len(verd),
+        "verdicts_inconsistent": int((verd.ok & ~verd.consistent).sum()) if len(verd) else 0,
+        "pairs": len(pairs),
+        "pairs_by_family": dict(Counter(pairs.family)) if len(pairs) else {},
+        "chosen_beats_rejected": round(float((pairs.chosen_score > pairs.rejected_score).mean()), 4) if len(pairs) else None,
+        "score_histogram": _hist(ok.overall, score_edges) if len(ok) else [],
+        "margin_histogram": _hist(pairs.margin, margin_edges) if len(pairs) else [],
+        "win_rate": win,
+        "mean_tokens": {"chosen": round(float(pairs.chosen_num_tokens.mean()), 2) if len(pairs) else None,
+                        "rejected": round(float(pairs.rejected_num_tokens.mean()), 2) if len(pairs) else None},
+        "failure_examples": judg[~judg.ok][["response_id", "error"]].head(5).to_dict("records") if n_judg else [],
+    }
+
+
+def write_card(out_dir: str | Path, extra: dict | None = None) -> dict:
+    out = Path(out_dir)
+    stats = card_stats(out)
+    if extra:
+        stats["build"] = extra
+    (out / "card.json").write_text(json.dumps(stats, indent=2, default=str))
+    _plot(out, stats)
+    build = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
+    win_rows = "\n".join(
+        f"| {m} | {w['responses']} | {w['mean_score']} | {w['chosen']} | {w['rejected']} | {w['win_rate']} |"
+        for m, w in stats["win_rate"].items())
+    text = f"""# Preference data (vpref build)
+
+Round {build.get('round', '?')}, policy version {build.get('policy_version', '?')}; judge `{build.get('judge', '?')}`,
+rubric `{build.get('rubric', '?')}`; pair strategy `{build.get('pairs', {}).get('strategy', '?')}`
+(min margin {build.get('pairs', {}).get('min_margin', '?')}).
+
+## Counts
+
+| questions | responses | generation errors | judgments | judge failures (parse-failure rate) | pairs |
+|---|---|---|---|---|---|
+| {stats['questions']} | {stats['responses']} | {stats['generation_errors']} | {stats['judgments']} | {stats['judge_failures']} ({stats['parse_failure_rate']:.1%}) | {stats['pairs']} |
+
+Pairwise verdicts: {stats['verdicts']} ({stats['verdicts_inconsistent']} inconsistent across the two orders, dropped).
+Chosen scored above rejected in {stats['chosen_beats_rejected']} of the pairs. Pairs by question family: {stats['pairs_by_family']}.
+
+## Zoo models
+
+| model | responses | mean judge score | chosen | rejected | win rate |
+|---|---|---|---|---|---|
+{win_rows}
+
+Mean length in tokens: chosen {stats['mean_tokens']['chosen']}, rejected {stats['mean_tokens']['rejected']}.
+
+## Judge scores (overall, successful judgments)
+
+{_bars(stats['score_histogram'])}
+
+## Margins (chosen - rejected)
+
+{_bars(stats['margin_histogram'])}
+
+![histograms](card.png)
+
+## Files
+
+{schema_doc()}
+
+Read a table with `pyarrow.parquet.read_table("<folder>/pairs")` (or `vpref.data.schema.read_table`).
+"""
+    (out / "README.md").write_text(text)
+    return stats
+
+
+def _plot(out: Path, stats: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, key, title in ((axes[0], "score_histogram", "judge overall score"), (axes[1], "margin_histogram", "pair margin")):
+        rows = stats[key]
+        ax.bar(range(len(rows)), [c for _, c in rows])
+        ax.set_xticks(range(len(rows)), [lbl for lbl, _ in rows], rotation=45, fontsize=7)
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "card.png", dpi=80)
+    plt.close(fig)

@@ -1,0 +1,74 @@
+"""Checkpoint I/O: HF safetensors folders are the currency between rounds (from_pretrained and
+vLLM both load them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def safetensor_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+    return files
+
+
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in safetensor_files(folder):
+        sd.update(load_file(f))
+    return sd
+
+
+def load_weights_into(model, folder: str | Path, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Copy a checkpoint's tensors into a live model in place (no new model object).
+
+    Returns the names loaded.  Tied weights absent from the file (lm_head with tied embeddings)
+    are fine; any other mismatch is an error naming the tensors.
+    """
+    sd = {k: v for k, v in load_state_dict(folder).items() if not k.startswith(skip_prefixes)}
+    own = model.state_dict()
+    unknown = sorted(set(sd) - set(own))
+    if unknown:
+        raise ValueError(f"{folder}: tensors not in the model: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"{folder}: {k} has shape {tuple(v.shape)}, the model has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    return sorted(sd)
+
+
+def copy_checkpoint_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the non-weight files (config, tokenizer, chat template, preprocessor) of a checkpoint."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, dst / f.name)
+
+
+def save_state_dict(sd: dict[str, torch.Tensor], like: str | Path, dst: str | Path) -> Path:
+    """Write tensors as a checkpoint folder shaped like `like` (same config, tokenizer, ...)."""
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copy_checkpoint_files(like, tmp)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
+    return dst
