@@ -139,12 +139,13 @@ class DataEngine:
             {"round": round_, "policy_version": policy_version, "judge": judge, "rubric": rubric_version,
              "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples)},
             indent=2))
-        qopts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1}
-        queue = Queue(maxsize=cfg.build.queue_size, actor_options=qopts)
-        pair_queue = Queue(actor_options=qopts)
+        ns = cfg.ray.namespace
+        qopts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1, "namespace": ns}
+        queue = Queue(maxsize=cfg.build.queue_size, actor_options={**qopts, "name": f"queue-r{round_}"})
+        pair_queue = Queue(actor_options={**qopts, "name": f"pair-queue-r{round_}"})
         write_plan(out, plan)
-        writer = RemoteWriter.options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
-            str(out), cfg.pairs.model_dump(), pair_queue)
+        writer = RemoteWriter.options(name=f"writer-r{round_}", namespace=ns, num_cpus=0, max_restarts=-1,
+                                      max_task_retries=-1).remote(str(out), cfg.pairs.model_dump(), pair_queue)
         done_ids = set(ray.get(writer.done_response_ids.remote()))
 
         # Work: batches of each member in sample order; a batch whose responses are all on disk is done.

@@ -65,6 +65,7 @@ class GeneratorActor:
         self.member.path = path
         self.backend = make_backend(self.member)
         self.metrics = generator_metrics()
+        self.batches = 0  # generate_batch calls served by this process
 
     def __repr__(self):  # Ray prefixes this actor's log lines with it
         return self.name
@@ -73,7 +74,7 @@ class GeneratorActor:
         return os.getpid()
 
     def info(self) -> dict:
-        return {"name": self.name, "version": self.version, "pid": os.getpid(),
+        return {"name": self.name, "version": self.version, "pid": os.getpid(), "batches": self.batches,
                 "node_id": ray.get_runtime_context().get_node_id(), **self.backend.info()}
 
     def load_weights(self, checkpoint_dir: str, version: int) -> dict:
@@ -99,6 +100,7 @@ class GeneratorActor:
     def generate_batch(self, batch: WorkBatch, queue, writer) -> dict:
         """Data-engine work: generate every sample of the batch, persist, enqueue for judging."""
         t0 = time.perf_counter()
+        self.batches += 1
         s = self.member.sampling
         clips = ray.get([it.clip for it in batch.items])
         outs = self.backend.generate([GenRequest(c.frames, c.sampled_fps, it.question)

@@ -30,14 +30,37 @@ def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def live_tensors_by_file_name(model) -> dict[str, torch.Tensor]:
+    """The model's parameters and buffers keyed by the names they have *on disk*.
+
+    transformers 5 renames keys on load (Qwen2.5-VL files say `model.layers.0...`, the module
+    says `model.language_model.layers.0...`) and back on save; this applies the same reverse
+    mapping save_pretrained uses, and checks that every tensor is the live one (a pure rename),
+    so copying into it updates the model in place.
+    """
+    live = model.state_dict()
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        on_disk = revert_weight_conversion(model, dict(live))
+    except ImportError:  # older transformers: file names are module names
+        on_disk = dict(live)
+    ptrs = {t.data_ptr() for t in live.values()}
+    converted = [k for k, t in on_disk.items() if t.data_ptr() not in ptrs]
+    if converted:
+        raise ValueError(f"{type(model).__name__}: tensors {converted[:3]} are converted, not renamed, on save; "
+                         "in-place reload is not supported for this family, reload with from_pretrained")
+    return on_disk
+
+
 def load_weights_into(model, folder: str | Path, skip_prefixes: tuple[str, ...] = ()) -> list[str]:
     """Copy a checkpoint's tensors into a live model in place (no new model object).
 
-    Returns the names loaded.  Tied weights absent from the file (lm_head with tied embeddings)
-    are fine; any other mismatch is an error naming the tensors.
+    Returns the file names loaded.  Tied weights absent from the file (lm_head with tied
+    embeddings) are fine; any other mismatch is an error naming the tensors.
     """
     sd = {k: v for k, v in load_state_dict(folder).items() if not k.startswith(skip_prefixes)}
-    own = model.state_dict()
+    own = live_tensors_by_file_name(model)
     unknown = sorted(set(sd) - set(own))
     if unknown:
         raise ValueError(f"{folder}: tensors not in the model: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")

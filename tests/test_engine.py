@@ -1,0 +1,147 @@
+"""The data engine on a real local Ray cluster: real generator actors running tiny Qwen2.5-VL
+checkpoints on decoded mp4s, a real bounded ray.util.queue.Queue, judge actors, the Parquet
+writer; faults injected by killing actors."""
+
+import json
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from conftest import engine_config
+from vpref.actors.writer import repair
+from vpref.build import DataEngine
+from vpref.data.card import write_card
+from vpref.data.manifest import Sample, load_manifest
+from vpref.data.schema import read_records, read_table
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def engine(ray_local, world, sft_zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    eng = DataEngine(engine_config(world, sft_zoo, out), out / "state")
+    eng.wait_ready()
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def samples(world):
+    return load_manifest(world / "train.jsonl").samples[:N]
+
+
+def _pair_set(out):
+    return {(p.sample_id, p.chosen_response_id, p.rejected_response_id, p.chosen, p.rejected)
+            for p in read_records(out, "pairs")}
+
+
+def _batches(engine):
+    return sum(ray.get(a.info.remote())["batches"] for reps in engine.generators.values() for a in reps)
+
+
+def test_build_writes_judged_pairs_card_and_resumes_without_redoing_work(engine, samples, world, tmp_path):
+    # One corrupt video among real ones: its question is set aside with the cause, the rest go on.
+    bad = tmp_path / "corrupt.mp4"
+    bad.write_bytes(b"\x00" * 300)
+    todo = samples + [Sample("bad-1", str(bad), "What colour is the circle?", "The circle is red.",
+                             "There is one shape. A red circle appears and stays still.", {"family": "colour"})]
+    out = tmp_path / "build"
+    res = engine.build(todo, out, round_=1, policy_version=0)
+    st = res.status
+    assert st["complete"] and st["samples"] == N and st["samples_dropped"] == 1
+    assert st["expected_responses"] == st["responses"] == st["judged"] == 3 * N  # policy n=2, other n=1
+    assert st["judge_failures"] == 0 and st["pairs"] > 0
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejects] == ["bad-1"] and "corrupt.mp4" in rejects[0]["reason"]
+    # Decode once: every distinct video exactly once, whatever the zoo size.
+    videos = {s.video for s in todo}
+    assert res.decodes == {"decodes": len(videos) - 1, "videos": len(videos) - 1, "max_per_video": 1}
+
+    pairs = read_records(out, "pairs")
+    responses = {r.response_id: r for r in read_records(out, "responses")}
+    judgments = {j.response_id: j for j in read_records(out, "judgments")}
+    for p in pairs:
+        assert p.chosen_score > p.rejected_score and p.margin >= 0.1
+        assert responses[p.chosen_response_id].text == p.chosen and judgments[p.chosen_response_id].overall == p.chosen_score
+        assert p.prompt and p.video.endswith(".mp4") and p.round == 1 and p.rubric_version.startswith("reference@")
+        assert p.chosen_sampling["temperature"] in (1.0, 0.7) and set(p.chosen_scores) == {
+            "correctness", "detail", "faithfulness", "concision"}
+    assert {r.generator for r in responses.values()} == {"gen-policy-0", "gen-other-0"}
+    # One row per id on disk: exactly once.
+    raw = pq.read_table(out / "pairs")
+    assert raw.num_rows == len(set(raw.column("pair_id").to_pylist())) == len(pairs)
+
+    stats = write_card(out, res.summary())
+    assert stats["pairs"] == len(pairs) and stats["chosen_beats_rejected"] == 1.0
+    assert set(stats["win_rate"]) == {"policy", "other"}
+    assert "| policy |" in (out / "README.md").read_text() and (out / "card.png").is_file()
+
+    # Re-running the same build skips everything that is done: no generation, same pairs.
+    before = _batches(engine)
+    again = engine.build(todo, out, round_=1, policy_version=0)
+    assert _batches(engine) == before
+    assert again.status["pairs"] == st["pairs"] and _pair_set(out) == {
+        (p.sample_id, p.chosen_response_id, p.rejected_response_id, p.chosen, p.rejected) for p in pairs}
+
+    # Re-pairing with another strategy works from the saved judgments alone.
+    st2 = repair(out, tmp_path / "allpairs", {"strategy": "all_pairs", "min_margin": 0.1})
+    assert st2["pairs"] >= st["pairs"] and st2["responses"] == st["responses"]
+    assert all(p.chosen_score > p.rejected_score for p in read_records(tmp_path / "allpairs", "pairs"))
+
+
+def test_killing_a_judge_a_generator_and_the_writer_mid_run_loses_and_duplicates_nothing(engine, samples, tmp_path):
+    clean = engine.build(samples, tmp_path / "clean", round_=2, policy_version=0)
+    assert clean.status["complete"]
+    killed: dict[str, int] = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and len(killed) < 3:
+            try:
+                writer = ray.get_actor("writer-r2", namespace="vpref")
+                st = ray.get(writer.status.remote(), timeout=20)
+            except Exception:
+                time.sleep(0.05)
+                continue
+            total = st["expected_responses"]
+            if "generator" not in killed and st["responses"] >= 0.15 * total:
+                ray.kill(ray.get_actor("gen-policy-0", namespace="vpref"), no_restart=False)
+                killed["generator"] = st["responses"]
+            elif "judge" not in killed and st["judged"] >= 0.3 * total:
+                ray.kill(ray.get_actor("judge-0", namespace="vpref"), no_restart=False)
+                killed["judge"] = st["judged"]
+            elif "writer" not in killed and "judge" in killed and st["samples_finished"] >= 1:
+                ray.kill(writer, no_restart=False)
+                killed["writer"] = st["pairs"]
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    faulty = engine.build(samples, tmp_path / "faulty", round_=2, policy_version=0)
+    t.join(timeout=5)
+    assert set(killed) == {"generator", "judge", "writer"}, killed
+    assert faulty.status["complete"]
+    assert _pair_set(tmp_path / "faulty") == _pair_set(tmp_path / "clean")
+    for table in ("responses", "judgments", "pairs"):
+        raw = pq.read_table(tmp_path / "faulty" / table)
+        key = {"responses": "response_id", "judgments": "judgment_id", "pairs": "pair_id"}[table]
+        assert raw.num_rows == len(set(raw.column(key).to_pylist())) == read_table(tmp_path / "clean", table).num_rows
+
+
+def test_actors_are_named_by_role(engine):
+    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert {"gen-policy-0", "gen-other-0", "judge-0"} <= names
+
+
+def test_in_place_reload_keeps_the_process_and_bumps_the_version(engine, sft_zoo):
+    policy = engine.policy_replicas()[0]
+    before = ray.get(policy.info.remote())
+    out = engine.reload_policy(sft_zoo / "other", version=7)
+    after = ray.get(policy.info.remote())
+    assert out[0]["pid"] == before["pid"] == after["pid"] and after["version"] == 7
+    assert after["path"].endswith("other") and out[0]["tensors"] > 10
+    engine.reload_policy(sft_zoo / "policy", version=0)
