@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 from ray.util.queue import Queue
 
-from vpref.actors.decode import DecodeCounter, decode_clip
+from vpref.actors.decode import DecoderPool
 from vpref.actors.generator import GeneratorActor, WorkBatch, WorkItem
 from vpref.actors.metrics import driver_metrics
 from vpref.actors.pool import JudgePool
@@ -70,12 +70,15 @@ class BuildResult:
 
 
 class DataEngine:
-    def __init__(self, cfg: Config, state_dir: str | Path):
+    def __init__(self, cfg: Config, state_dir: str | Path, members: list[str] | None = None):
+        """`members`: host only these zoo members (e.g. just the policy for evaluation)."""
         self.cfg = cfg
         ns = cfg.ray.namespace
         self.state_dir = Path(state_dir)
         self.generators: dict[str, list] = {}
         for m in cfg.zoo:
+            if members is not None and m.name not in members:
+                continue
             replicas = []
             for i in range(m.replicas):
                 name = f"gen-{m.name}-{i}"
@@ -86,13 +89,14 @@ class DataEngine:
                 ).remote(m.model_dump(), name, str(self.state_dir / "actors" / f"{name}.json")))
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
+        self.decoders = DecoderPool(cfg.data, cfg.data.decoders, ns)
         self.metrics = driver_metrics()
 
     # ------------------------------------------------------------------ actors
 
     @property
     def members(self) -> list[ZooMember]:
-        return [m for m in self.cfg.zoo if m.role == "generator"]
+        return [m for m in self.cfg.zoo if m.role == "generator" and m.name in self.generators]
 
     def policy_replicas(self) -> list:
         m = self.cfg.policy_member
@@ -102,11 +106,24 @@ class DataEngine:
         """Load new policy weights into every policy replica, in place and in parallel."""
         return ray.get([a.load_weights.remote(str(checkpoint), version) for a in self.policy_replicas()])
 
+    def judge_items(self, items: list[dict]) -> list:
+        """Score response items outside a build (evaluation): the reference judge runs right here;
+        an LLM judge runs on a pool judge (its model is already loaded there)."""
+        from vpref.actors.judge import judge_items, make_judge
+
+        if self.cfg.judge.kind == "reference":
+            return judge_items(make_judge(self.cfg.judge, actor="driver"), items)[0]
+        if not self.pool.actors:
+            self.pool._spawn()
+        name = sorted(self.pool.actors)[0]
+        return ray.get(self.pool.actors[name].score_items.remote(items))
+
     def wait_ready(self) -> None:
         ray.get([a.info.remote() for reps in self.generators.values() for a in reps])
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+        self.decoders.shutdown()
         for reps in self.generators.values():
             for a in reps:
                 ray.kill(a, no_restart=True)
@@ -123,9 +140,8 @@ class DataEngine:
         members = self.members
         if not members:
             raise ValueError("the zoo has no generator (role: generator) members")
-        counter = DecodeCounter.options(num_cpus=0).remote()
-
-        samples = self._with_captions(samples, out, counter)
+        self.decoders.reset()
+        samples = self._with_captions(samples, out)
         by_id = {s.id: s for s in samples}
         expected = {s.id: [response_id(round_, s.id, m.name, k) for m in members for k in range(m.sampling.n)]
                     for s in samples}
@@ -185,15 +201,13 @@ class DataEngine:
         def ensure_decoded(upto: int) -> None:
             for s in samples[:upto]:
                 if s.video not in clip_refs and s.video not in failed_videos and users.get(s.video):
-                    clip_refs[s.video] = decode_clip.remote(s.video, cfg.data.num_frames, cfg.data.frame_size,
-                                                            cfg.data.decode_timeout_s, counter)
+                    clip_refs[s.video] = self.decoders.submit(s.video)
 
         def resolve(videos) -> bool:
             """True when every video is decoded or known bad; records decode failures."""
             for v in videos:
                 if v not in clip_refs and v not in failed_videos:
-                    clip_refs[v] = decode_clip.remote(v, cfg.data.num_frames, cfg.data.frame_size,
-                                                      cfg.data.decode_timeout_s, counter)
+                    clip_refs[v] = self.decoders.submit(v)
             refs = [clip_refs[v] for v in videos if v in clip_refs]
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             if len(ready) < len(refs):
@@ -295,11 +309,11 @@ class DataEngine:
 
         self.pool.detach()
         status = ray.get(writer.finalize.remote())
-        decodes = ray.get(counter.get.remote())
+        decodes = self.decoders.counts_since_start()
         n_rej = append_rejects(out / "rejects.jsonl", rejects)
         elapsed = time.perf_counter() - t0
         self._progress(status, 0, self.pool.counts(), elapsed)
-        for a in (writer, counter, queue.actor, pair_queue.actor):
+        for a in (writer, queue.actor, pair_queue.actor):
             ray.kill(a, no_restart=True)
         return BuildResult(str(out), status, decodes, elapsed, n_rej, list(self.pool.events), timeline)
 
@@ -314,7 +328,7 @@ class DataEngine:
                    for it in wb.items for k in range(member.sampling.n)]
         ray.get(writer.add_responses.remote(records))
 
-    def _with_captions(self, samples: list[Sample], out: Path, counter) -> list[Sample]:
+    def _with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
         """Fill missing captions with the zoo's captioner (VLM-RLAIF's context), once per video."""
         need = sorted({s.video for s in samples if not s.caption})
         captioners = [m for m in self.cfg.zoo if m.role == "captioner"]
@@ -333,8 +347,7 @@ class DataEngine:
         actors = self.generators[m.name]
         ok = []
         for v in todo:
-            ref = decode_clip.remote(v, self.cfg.data.num_frames, self.cfg.data.frame_size,
-                                     self.cfg.data.decode_timeout_s, counter)
+            ref = self.decoders.submit(v)
             try:
                 ray.get(ref)
                 ok.append((v, ref))

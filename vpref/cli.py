@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 
 from vpref.config import ConfigError, describe_keys, load_config
 from vpref.utils import quiet_libraries
@@ -98,6 +100,76 @@ def cmd_pairs(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from vpref.loop import print_table, run
+
+    metrics = run(_config(args))
+    print_table(metrics)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from vpref.build import DataEngine
+    from vpref.cluster import init_ray
+    from vpref.eval.report import family_table, table
+    from vpref.loop import Evaluator, _split
+
+    cfg = _config(args)
+    member = cfg.policy_member
+    if member is None:
+        raise ValueError("the zoo has no policy member to host the checkpoint (set policy: true on one)")
+    init_ray(cfg.ray)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = DataEngine(cfg, tmp, members=[member.name])
+        try:
+            evaluator = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, Path(tmp) / "rejects.jsonl"),
+                                  Path(tmp) / "rejects.jsonl")
+            engine.reload_policy(args.checkpoint, version=0)
+            metrics, _ = evaluator(cfg.eval.max_samples)
+        finally:
+            engine.shutdown()
+    rounds = [{"round": 0, "eval": metrics}]
+    print(f"\n{args.checkpoint} on the {cfg.eval.split} split ({metrics['questions']} questions)")
+    print(table(rounds))
+    print(family_table(rounds))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from vpref.config import load_config
+    from vpref.data.synth import SynthSpec, synthesize
+    from vpref.loop import print_table, run
+    from vpref.train.sft import run_sft
+    from vpref.utils import log
+
+    cfg = load_config(None, args.set or [])
+    if args.fresh:
+        for d in (cfg.synth.out, cfg.sft.out, cfg.run.out_dir):
+            shutil.rmtree(d, ignore_errors=True)
+    t0 = time.perf_counter()
+    if not Path(cfg.data.train).is_file():
+        s = cfg.synth
+        synthesize(s.out, SynthSpec(s.n, s.seed, s.size, s.min_frames, s.max_frames, s.fps, tuple(s.split)))
+        log(f"demo: synthetic world written to {s.out}")
+    if not all((Path(cfg.sft.out) / m.name / "model.safetensors").is_file() for m in cfg.sft.members):
+        report = run_sft(cfg)
+        _print_sft_table(report)
+    metrics = run(cfg)
+    print(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
+          f"({metrics['rounds'][0]['eval']['questions']} questions), {time.perf_counter() - t0:.0f}s in all")
+    print_table(metrics)
+    print(f"\nreport: {cfg.run.out_dir}/report.md, metrics: {cfg.run.out_dir}/metrics.json")
+    return 0
+
+
 def cmd_config_show(args) -> int:
     if args.doc:
         for key, default, doc in describe_keys():
@@ -118,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write the synthetic video-QA world (mp4 clips + manifests)")
     s.add_argument("--out", default="data/synth", help="output folder")
-    s.add_argument("--n", type=int, default=480, help="number of videos")
+    s.add_argument("--n", type=int, default=800, help="number of videos")
     s.add_argument("--seed", type=int, default=0, help="world seed")
     s.add_argument("--size", type=int, default=64, help="frame size in pixels")
     s.set_defaults(fn=cmd_synth)
@@ -136,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-margin", type=float, default=0.5)
     s.add_argument("--max-length-ratio", type=float, default=None)
     s.set_defaults(fn=cmd_pairs)
+
+    s = with_config(sub.add_parser("run", help="Iter-W2S-RLAIF rounds: data, DPO on Ray Train, ExPO, evaluation"))
+    s.set_defaults(fn=cmd_run)
+
+    s = with_config(sub.add_parser("eval", help="evaluate a checkpoint on the eval split"))
+    s.add_argument("--checkpoint", required=True, help="HF checkpoint folder of a policy")
+    s.add_argument("--json", help="also write the metrics to this file")
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("demo", help="synth -> SFT -> 3 rounds -> eval on the embedded default (CPU, minutes)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    s.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
+    s.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)

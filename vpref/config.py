@@ -48,13 +48,13 @@ class RayConfig(_Section):
     num_cpus: int | None = F(
         8, "logical CPUs of a new local cluster (the demo's actors take turns: generate, judge, train), null: all cores"
     )
-    include_dashboard: bool = F(False, "start the dashboard with a new local cluster")
+    include_dashboard: bool = F(True, "start the dashboard (and the State API Ray Train uses) with a new local cluster")
     namespace: str = F("vpref", "Ray namespace that holds vpref's named actors")
 
 
 class SynthConfig(_Section):
     out: str = F("data/synth", "folder the synthetic video-QA world is written to")
-    n: int = F(480, "number of videos", ge=3)
+    n: int = F(800, "number of videos", ge=3)
     seed: int = F(0, "seed of the world (same seed, same videos and questions)")
     size: int = F(64, "frame width and height in pixels", ge=32)
     min_frames: int = F(8, "fewest frames in a video", ge=2)
@@ -79,6 +79,7 @@ class DataConfig(_Section):
     num_frames: int = F(8, "frames sampled uniformly from each video", ge=1)
     frame_size: int | None = F(None, "resize frames to this square size when decoding (null: keep)")
     decode_timeout_s: float = F(30.0, "seconds a single video may take to decode before it is rejected", gt=0)
+    decoders: int = F(2, "decoder actors (each video of a build is decoded once, by one of them)", ge=1)
 
 
 class SamplingConfig(_Section):
@@ -114,7 +115,7 @@ class ZooMember(_Section):
     )
     sampling: SamplingConfig = FL(SamplingConfig, "how this member samples")
     replicas: int = F(1, "actors hosting this model", ge=1)
-    batch_size: int = F(16, "questions per generate call", ge=1)
+    batch_size: int = F(32, "questions per generate call", ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "weights dtype")
     resources: ResourcesConfig = FL(ResourcesConfig, "Ray resources of each replica")
     vllm: VLLMConfig = FL(VLLMConfig, "vLLM engine options (backend: vllm)")
@@ -141,9 +142,9 @@ class SFTMember(_Section):
 
 def _demo_sft_members() -> list[SFTMember]:
     return [
-        SFTMember(name="policy", size="1m", steps=300),
-        SFTMember(name="strong", size="1m", steps=400, seed=1, init_from="policy"),
-        SFTMember(name="noisy", size="1m", steps=300, label_noise=0.3, seed=2),
+        SFTMember(name="policy", size="1m", steps=100),
+        SFTMember(name="strong", size="1m", steps=300, seed=1, init_from="policy"),
+        SFTMember(name="noisy", size="1m", steps=150, label_noise=0.3, seed=2),
     ]
 
 
@@ -213,7 +214,9 @@ class PairsConfig(_Section):
     strategy: Literal["best_vs_worst", "all_pairs"] = F(
         "best_vs_worst", "best_vs_worst: one pair per question (MMAIP-V); all_pairs: every ranked pair (VLFeedback)"
     )
-    min_margin: float = F(0.5, "smallest overall-score gap a pair may have; ties are always dropped", ge=0)
+    min_margin: float = F(
+        1.5, "smallest overall-score gap a pair may have (1-5 scale; 1.5 keeps the pairs whose chosen answer is "
+        "clearly right); ties are always dropped", ge=0)
     max_length_ratio: float | None = F(
         None, "length-bias guard: drop pairs whose chosen answer is longer than this times the rejected (null: off)"
     )
@@ -238,15 +241,17 @@ class DPOConfig(_Section):
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = F("sigmoid", "preference loss (TRL names)")
     beta: float = F(0.1, "strength of the KL anchor to the reference (IPO: tau)", gt=0)
     label_smoothing: float = F(0.0, "assumed label noise: cDPO for sigmoid, the robust loss's epsilon", ge=0, lt=0.5)
-    nll_coef: float = F(0.0, "weight of an NLL term on the chosen answers (RPO)", ge=0)
-    lr: float = F(5e-4, "peak AdamW learning rate", gt=0)
-    epochs: int = F(2, "passes over the round's pairs", ge=1)
+    nll_coef: float = F(1.0, "weight of an NLL term on the chosen answers (RPO); keeps a tiny policy fluent", ge=0)
+    lr: float = F(5e-4, "peak AdamW learning rate (the tiny demo policy; ~1e-6 full / 1e-5 LoRA for 7B)", gt=0)
+    epochs: int = F(3, "passes over the round's pairs", ge=1)
     batch_size: int = F(8, "pairs per worker per step", ge=1)
     grad_accum: int = F(1, "micro-batches per optimizer step", ge=1)
     weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
     warmup_ratio: float = F(0.1, "fraction of steps with linear warm-up", ge=0, lt=1)
     max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
-    freeze_vision: bool = F(True, "keep the vision tower frozen (only the language model learns)")
+    freeze_vision: bool = F(
+        False, "keep the vision tower frozen (real recipes do; the demo's tiny tower is still learning)"
+    )
     num_workers: int = F(2, "Ray Train workers (0: run in the driver process, for debugging)", ge=0)
     cpus_per_worker: float = F(1.0, "CPUs per training worker", gt=0)
     use_gpu: bool = F(False, "one GPU per training worker")
@@ -257,7 +262,7 @@ class DPOConfig(_Section):
     offload_optimizer: bool = F(False, "DeepSpeed: keep optimizer state on the CPU")
     checkpoint_every: int = F(0, "steps between mid-training checkpoints (0: once per epoch)", ge=0)
     max_failures: int = F(2, "worker failures Ray Train recovers from by restarting from the last checkpoint", ge=0)
-    ref_batch_size: int = F(16, "pairs per forward when computing reference log-probs", ge=1)
+    ref_batch_size: int = F(32, "pairs per forward when computing reference log-probs", ge=1)
     lora: LoraConfig = FL(LoraConfig, "optional LoRA")
 
 
@@ -267,9 +272,12 @@ class LoopConfig(_Section):
         "previous", "reference of each round: previous round's policy (Iter-W2S), the SFT policy, or a TR-DPO mix"
     )
     mix_alpha: float = F(0.6, "reference: mix -> ref = a*previous_policy + (1-a)*previous_reference", ge=0, le=1)
+    questions_per_round: int | None = F(
+        900, "train questions sampled afresh each round (seeded by round); null: all of them every round"
+    )
     alpha: float = F(0.3, "ExPO extrapolation: theta = theta_dpo + alpha*(theta_dpo - theta_ref)", ge=0)
     alpha_grid: list[float] | None = F(
-        None, "if set, pick alpha from this grid by the judge's score on the dev split (every score is recorded)"
+        [0.0, 0.3, 0.6], "if set, pick alpha from this grid by the judge's score on the dev split (all scores recorded)"
     )
     alpha_dev_samples: int = F(120, "dev questions used to score each alpha", ge=1)
 

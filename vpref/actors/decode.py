@@ -1,32 +1,67 @@
-"""Decode once: one Ray task per video per build, its frames shared through the object store
-with every generator (and judge) that needs them."""
+"""Decode once: each video of a build is decoded by one call to a long-lived decoder actor, and
+its frames are shared through the object store with every generator (and judge) that needs them.
+
+Long-lived actors rather than tasks: a task per video makes Ray start a fresh worker process per
+concurrent task (each importing Ray and spawning its decode child), which on a small machine
+costs far more than the decoding itself.
+"""
 
 from __future__ import annotations
+
+import itertools
 
 import ray
 
 from vpref.data.video import Clip, decode_video
 
 
-@ray.remote
-class DecodeCounter:
-    """Counts decodes where they happen (a retried task counts again), for the build summary."""
-
-    def __init__(self):
-        self.n = 0
+class VideoDecoder:
+    def __init__(self, num_frames: int, size, timeout_s: float):
+        self.num_frames, self.size, self.timeout_s = num_frames, size, timeout_s
+        self.decodes = 0
         self.by_video: dict[str, int] = {}
 
-    def add(self, path: str) -> None:
-        self.n += 1
+    def decode(self, path: str) -> Clip:
+        self.decodes += 1  # counted where it happens: a retried call counts again
         self.by_video[path] = self.by_video.get(path, 0) + 1
+        return decode_video(path, self.num_frames, self.size, timeout_s=self.timeout_s)  # VideoDecodeError names file and cause
 
-    def get(self) -> dict:
-        return {"decodes": self.n, "videos": len(self.by_video), "max_per_video": max(self.by_video.values(), default=0)}
+    def counts(self) -> dict:
+        return {"decodes": self.decodes, "by_video": self.by_video}
 
 
-@ray.remote(num_cpus=0.25)
-def decode_clip(path: str, num_frames: int, size, timeout_s: float, counter=None) -> Clip:
-    clip = decode_video(path, num_frames, size, timeout_s=timeout_s)  # VideoDecodeError names file and cause
-    if counter is not None:
-        ray.get(counter.add.remote(path))
-    return clip
+RemoteDecoder = ray.remote(VideoDecoder)
+
+
+class DecoderPool:
+    """A few decoder actors; `submit` returns the ObjectRef of a Clip."""
+
+    def __init__(self, data, n: int = 2, namespace: str | None = None):
+        self.actors = [RemoteDecoder.options(name=f"decoder-{i}", namespace=namespace, num_cpus=0.25,
+                                             max_restarts=-1, max_task_retries=-1)
+                       .remote(data.num_frames, data.frame_size, data.decode_timeout_s) for i in range(n)]
+        self._next = itertools.cycle(self.actors)
+        self._baseline = self._totals()
+
+    def submit(self, path: str) -> ray.ObjectRef:
+        return next(self._next).decode.remote(path)
+
+    def _totals(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for c in ray.get([a.counts.remote() for a in self.actors]):
+            for v, n in c["by_video"].items():
+                total[v] = total.get(v, 0) + n
+        return total
+
+    def counts_since_start(self) -> dict:
+        """Decodes since this pool (or the last `reset`) started: total, videos, most per video."""
+        now = self._totals()
+        delta = {v: n - self._baseline.get(v, 0) for v, n in now.items() if n - self._baseline.get(v, 0)}
+        return {"decodes": sum(delta.values()), "videos": len(delta), "max_per_video": max(delta.values(), default=0)}
+
+    def reset(self) -> None:
+        self._baseline = self._totals()
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

@@ -48,6 +48,21 @@ def queue_item(resp: Response, item: WorkItem) -> dict:
             "question": item.question, "answer": item.answer, "caption": item.caption, "family": item.family}
 
 
+def put_all(queue, items: list) -> None:
+    """Put items on the bounded queue: in one call while there is room, else one at a time,
+    each put blocking while the queue is full (the backpressure that slows the generators)."""
+    from ray.util.queue import Full
+
+    if queue.maxsize <= 0 or queue.size() + len(items) <= queue.maxsize:
+        try:
+            queue.put_nowait_batch(items)
+            return
+        except Full:  # another generator filled the gap first
+            pass
+    for item in items:
+        queue.put(item)
+
+
 class GeneratorActor:
     def __init__(self, member: dict, actor_name: str, state_file: str | None = None):
         from vpref.utils import quiet_libraries
@@ -88,6 +103,15 @@ class GeneratorActor:
             os.replace(tmp, self.state_file)
         return {"actor": self.name, "pid": os.getpid(), "version": version, **out}
 
+    def score_pairs(self, rows: list[dict], data: dict, batch_size: int) -> list[tuple]:
+        """Sequence log-probs of pairs under the weights held now (reference log-probs)."""
+        from vpref.config import DataConfig
+        from vpref.train.dpo import score_pairs
+
+        if not hasattr(self.backend, "vlm"):
+            raise NotImplementedError(f"{self.name}: the {self.member.backend} backend does not score sequences")
+        return score_pairs(self.backend.vlm, rows, DataConfig.model_validate(data), batch_size)
+
     def generate(self, clips: list, questions: list[str], sampling: dict | None = None, seed: int = 0) -> list:
         """Answer questions about clips (Clip objects or refs to them) -> completions per question."""
         from vpref.config import SamplingConfig
@@ -118,8 +142,7 @@ class GeneratorActor:
                 responses.append(r)
                 items.append(queue_item(r, it))
         ray.get(writer.add_responses.remote(responses))  # durable before it is judged
-        for item in items:
-            queue.put(item)  # blocks while the queue is full
+        put_all(queue, items)
         self.metrics["responses"].inc(len(responses), tags={"model": self.member.name})
         return {"batch": batch.index, "member": batch.member, "responses": len(responses),
                 "seconds": time.perf_counter() - t0}

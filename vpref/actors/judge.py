@@ -92,6 +92,10 @@ class JudgeActor:
     def stop(self) -> None:
         self._stop.set()
 
+    def score_items(self, items: list[dict]) -> list[Judgment]:
+        """Direct scoring, outside the pull loop (evaluation, ExPO's alpha search)."""
+        return judge_items(self.judge, items)[0]
+
     def _take(self, queue, pair_queue, batch_size: int, poll_s: float) -> list[dict]:
         items = []
         if pair_queue is not None:  # finishing pairs first lets their samples complete sooner
@@ -105,11 +109,16 @@ class JudgeActor:
                 items.append(queue.get(block=not items, timeout=poll_s if not items else None))
             except Empty:
                 return items
-            while len(items) < batch_size:
+            want = min(batch_size - len(items), queue.size())
+            if want > 0:
                 try:
-                    items.append(queue.get_nowait())
-                except Empty:
-                    break
+                    items += queue.get_nowait_batch(want)
+                except Empty:  # another judge took them first: take what is left one by one
+                    while len(items) < batch_size:
+                        try:
+                            items.append(queue.get_nowait())
+                        except Empty:
+                            break
         return items
 
     def run(self, queue, pair_queue, writer, batch_size: int, poll_s: float = 0.5) -> int:

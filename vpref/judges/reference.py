@@ -53,12 +53,15 @@ class ReferenceJudge:
         family = sample.family
         ref = sample.answer
 
-        # correctness: the asked value, or (no reference / describe) the share of true claims
+        # correctness: the asked value, or (no reference / describe) the F1 of the stated facts --
+        # precision alone would reward saying one safe fact and nothing else
         if ref and family and family != "describe":
             got, want = extract_value(family, text), extract_value(family, ref)
             correctness = 5 if got is not None and got == want else (2 if got is None else 1)
         else:
-            correctness = _scale(len(claimed & truth) / len(claimed)) if claimed else 1
+            hit = len(claimed & truth)
+            f1 = 2 * hit / (len(claimed) + len(truth)) if claimed and truth else 0.0
+            correctness = _scale(f1) if claimed else 1
 
         # detail: coverage of the caption's facts relevant to the question
         if family == "describe" or not ref:
@@ -81,7 +84,9 @@ class ReferenceJudge:
         target = len(words(ref or sample.caption or "")) or 8
         ratio = len(w) / target if w else 99.0
         concision = 5 if ratio <= 1.3 else 4 if ratio <= 1.8 else 3 if ratio <= 2.5 else 2 if ratio <= 4 else 1
-        if w and max(Counter(zip(w, w[1:])).values(), default=0) > 2:
+        # repetition: a word pair used more often than the reference itself uses it, plus one
+        allowed = Counter(zip(words(ref or sample.caption or ""), words(ref or sample.caption or "")[1:]))
+        if any(n > allowed.get(bigram, 0) + 1 for bigram, n in Counter(zip(w, w[1:])).items()):
             concision = max(1, concision - 2)
         if not w:  # saying nothing is the worst answer, not a faithful one
             correctness = detail = faithfulness = concision = 1

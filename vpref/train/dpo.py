@@ -1,0 +1,393 @@
+"""DPO as a Ray Train job.
+
+* `reference_logps`: the reference model's sequence log-probs of every chosen and rejected
+  answer, computed once per round (Ray tasks) and stored beside the pairs -- so training holds
+  one model, not two.
+* `train_loop`: the per-worker loop (DDP on gloo/nccl, or DeepSpeed ZeRO); one forward over
+  chosen and rejected together; a checkpoint every `checkpoint_every` steps; resumes from the
+  latest checkpoint after a worker failure.
+* `train_dpo`: builds the TorchTrainer (ScalingConfig, RunConfig storage, CheckpointConfig,
+  FailureConfig), runs it, exports the result as an HF safetensors folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from vpref.config import DataConfig, DPOConfig
+from vpref.data.schema import read_table
+
+REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens")
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _load_parts(path: str | Path, dtype=torch.float32):
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from vpref.models.processor import VideoPreprocessor
+    from vpref.models.video_lm import model_type
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    return model, AutoTokenizer.from_pretrained(path), VideoPreprocessor.from_pretrained(path), model_type(path)
+
+
+class _Clips:
+    """Decoded clips of the videos a worker trains on, each decoded once."""
+
+    def __init__(self, data: DataConfig):
+        self.data, self.cache = data, {}
+
+    def __call__(self, path: str):
+        from vpref.data.video import decode_video
+
+        if path not in self.cache:
+            self.cache[path] = decode_video(path, self.data.num_frames, self.data.frame_size,
+                                            timeout_s=self.data.decode_timeout_s)
+        return self.cache[path]
+
+
+def pair_batch(vlm, clips: _Clips, rows: list[dict]):
+    """One scoring batch holding the chosen answers, then the rejected ones (one forward)."""
+    cl = [clips(r["video"]) for r in rows]
+    frames, fps = [c.frames for c in cl] * 2, [c.sampled_fps for c in cl] * 2
+    questions = [r["prompt"] for r in rows] * 2
+    answers = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    return vlm.scoring_batch(frames, questions, answers, fps=fps)
+
+
+def logps_and_counts(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    from vpref.models.video_lm import sequence_logps
+
+    return sequence_logps(model, batch), batch.response_mask[:, 1:].sum(-1).to(torch.float32)
+
+
+# --------------------------------------------------------------------------- reference log-probs
+
+
+def score_pairs(vlm, rows: list[dict], data: DataConfig, batch_size: int) -> list[tuple]:
+    """(pair_id, logp chosen, logp rejected, chosen tokens, rejected tokens) under `vlm`'s model."""
+    clips, out = _Clips(data), []
+    vlm.model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            lp, n = logps_and_counts(vlm.model, pair_batch(vlm, clips, chunk))
+            b = len(chunk)
+            out += [(r["pair_id"], lp[k].item(), lp[b + k].item(), n[k].item(), n[b + k].item())
+                    for k, r in enumerate(chunk)]
+    return out
+
+
+@ray.remote
+def _reference_shard(ref_path: str, rows: list[dict], data: dict, batch_size: int) -> list[tuple]:
+    from vpref.models.video_lm import VideoLM
+    from vpref.utils import quiet_libraries
+
+    quiet_libraries()
+    model, tok, pre, kind = _load_parts(ref_path)
+    return score_pairs(VideoLM(model, tok, pre, ref_path, kind), rows, DataConfig.model_validate(data), batch_size)
+
+
+def reference_logps(ref_path: str | Path, pairs_dir: str | Path, out_path: str | Path, data: DataConfig,
+                    batch_size: int = 16, shards: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                    actors: list | None = None) -> Path:
+    """pairs + (ref_chosen_logp, ref_rejected_logp, chosen_tokens, rejected_tokens) -> out_path.
+
+    `actors`: generator actors that already hold the reference weights (the default reference is
+    the previous policy, which the policy's generators hold): they score the pairs, no model is
+    loaded again.  Otherwise `shards` Ray tasks load `ref_path` and score their share.
+    """
+    table = read_table(pairs_dir, "pairs").sort_by("pair_id")
+    rows = table.select(["pair_id", "prompt", "chosen", "rejected", "video"]).to_pylist()
+    if not rows:
+        raise ValueError(f"{pairs_dir} has no pairs to train on")
+    if actors:
+        refs = [a.score_pairs.remote(rows[k::len(actors)], data.model_dump(), batch_size) for k, a in enumerate(actors)]
+    else:
+        shards = max(1, min(shards, len(rows)))
+        refs = [_reference_shard.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+            str(ref_path), rows[k::shards], data.model_dump(), batch_size) for k in range(shards)]
+    got = {pid: v for part in ray.get(refs) for pid, *v in part}
+    cols = list(zip(*(got[pid] for pid in table.column("pair_id").to_pylist())))
+    for name, values in zip(REF_COLUMNS, cols):
+        table = table.append_column(name, pa.array(values, pa.float64()))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out_path)
+    return out_path
+
+
+# --------------------------------------------------------------------------- the worker loop
+
+
+def _deepspeed_config(cfg: DPOConfig) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:  # CPU offload needs DeepSpeed's own (CPU) Adam
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+    return ds
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker.  `config`: dpo (DPOConfig), data (DataConfig), init (HF
+    folder), pairs (Parquet with reference log-probs), progress_dir, seed."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from vpref.models.video_lm import VideoLM
+    from vpref.train.losses import dpo_loss
+    from vpref.utils import quiet_libraries
+
+    quiet_libraries()
+    cfg, data = DPOConfig.model_validate(config["dpo"]), DataConfig.model_validate(config["data"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = dist.is_available() and dist.is_initialized()
+    torch.manual_seed(config["seed"] + rank)
+    progress = Path(config["progress_dir"])
+    progress.mkdir(parents=True, exist_ok=True)
+
+    # Data: the same sorted pairs on every worker, sharded by rank, equal shard sizes so every
+    # rank runs the same number of steps (reports are barriers).
+    rows = pq.read_table(config["pairs"]).sort_by("pair_id").to_pylist()
+    per_rank = len(rows) // world
+    if per_rank == 0:
+        raise ValueError(f"{len(rows)} pairs cannot feed {world} workers; use fewer dpo.num_workers")
+    shard = rows[rank::world][:per_rank]
+    micro = cfg.batch_size
+    micro_per_epoch = math.ceil(per_rank / micro)
+    steps_per_epoch = max(1, micro_per_epoch // cfg.grad_accum)
+    total = cfg.epochs * steps_per_epoch
+    every = cfg.checkpoint_every or steps_per_epoch
+
+    model, tok, pre, kind = _load_parts(config["init"])
+    if cfg.freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        model = get_peft_model(model, PeftLora(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                               target_modules=cfg.lora.target_modules))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    start, resumed_from = 0, None
+    ckpt = ray.train.get_checkpoint()
+    state_dir = None
+    if ckpt is not None:  # a restart after a failure: continue where the last checkpoint left off
+        state_dir = Path(ckpt.to_directory())
+        state = json.loads((state_dir / "trainer_state.json").read_text())
+        start = resumed_from = state["step"]
+        if cfg.strategy == "ddp":
+            model.load_state_dict(torch.load(state_dir / "model_state.pt", weights_only=True))
+
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
+    if cfg.strategy == "deepspeed":
+        import deepspeed
+
+        client_opt = None if cfg.offload_optimizer else torch.optim.AdamW(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_opt,
+                                                 config=_deepspeed_config(cfg))
+        if state_dir is not None:
+            engine.load_checkpoint(str(state_dir / "deepspeed"), tag="latest")
+        forward_model, unwrapped = engine, engine.module
+    else:
+        forward_model = ray.train.torch.prepare_model(model) if world > 1 or device is not None else model
+        unwrapped = model
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if state_dir is not None:
+            opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+    model_device = next(unwrapped.parameters()).device
+    vlm = VideoLM(forward_model, tok, pre, config["init"], kind)
+    clips = _Clips(data)
+    warmup = int(cfg.warmup_ratio * total)
+    metrics_file = progress / "metrics.jsonl"
+
+    def micro_batches(step: int):
+        epoch, k = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([config["seed"], epoch, rank]).permutation(per_rank)
+        for m in range(cfg.grad_accum):
+            i = (k * cfg.grad_accum + m) * micro % per_rank
+            yield [shard[j] for j in order[i:i + micro]] or [shard[order[0]]]
+
+    forward_model.train()
+    for step in range(start, total):
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, total, warmup)
+        t0 = time.perf_counter()
+        logs = []
+        for rows_mb in micro_batches(step):
+            batch = pair_batch(vlm, clips, rows_mb).to(model_device)
+            b = len(rows_mb)
+            lp, n = logps_and_counts(forward_model, batch)
+            ref = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in rows_mb], device=lp.device)
+            out = dpo_loss(lp[:b], lp[b:], ref[:, 0], ref[:, 1], cfg.loss, cfg.beta, cfg.label_smoothing,
+                           n[:b], n[b:], cfg.nll_coef)
+            if cfg.strategy == "deepspeed":
+                engine.backward(out.loss)
+                engine.step()
+            else:
+                (out.loss / cfg.grad_accum).backward()
+            logs.append(out.metrics())
+        if cfg.strategy != "deepspeed":
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        m = {k: float(np.mean([x[k] for x in logs])) for k in logs[0]}
+        if distributed:  # the logged numbers are the mean over workers
+            vec = torch.tensor(list(m.values()), dtype=torch.float64, device=lp.device)
+            dist.all_reduce(vec)
+            m = dict(zip(m, (vec / world).tolist()))
+        m.update(step=step + 1, epoch=step // steps_per_epoch, lr=opt.param_groups[0]["lr"],
+                 seconds=time.perf_counter() - t0)
+        (progress / f"rank{rank}.json").write_text(json.dumps({"pid": os.getpid(), "step": step + 1,
+                                                               "resumed_from": resumed_from}))
+        if rank == 0:
+            with open(metrics_file, "a") as f:
+                f.write(json.dumps(m) + "\n")
+        if (step + 1) % every == 0 or step + 1 == total:
+            _report(cfg, m, step + 1, total, resumed_from, unwrapped, forward_model, opt, tok, pre, rank)
+
+
+def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, tok, pre, rank) -> None:
+    """Checkpoint (resume state; at the end also the HF export) and report it.  Every rank calls
+    report; with DeepSpeed every rank writes its own ZeRO shards into the checkpoint."""
+    import tempfile
+
+    import ray.train
+    from ray.train import Checkpoint
+
+    final = step == total
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        if cfg.strategy == "deepspeed":
+            forward_model.save_checkpoint(str(d / "deepspeed"), tag="latest")
+        if rank == 0:
+            (d / "trainer_state.json").write_text(json.dumps({"step": step, "total": total,
+                                                              "resumed_from": resumed_from}))
+            if cfg.strategy != "deepspeed":
+                torch.save(model.state_dict(), d / "model_state.pt")
+                torch.save(opt.state_dict(), d / "optimizer.pt")
+        if final:
+            _export_hf(cfg, model, tok, pre, d / "model", rank)
+        keep = rank == 0 or cfg.strategy == "deepspeed"
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if keep else None)
+
+
+def _export_hf(cfg, model, tok, pre, out: Path, rank: int) -> None:
+    """The trained policy as an HF safetensors folder (LoRA merged; ZeRO-3 gathered)."""
+    gather = None
+    if cfg.strategy == "deepspeed" and cfg.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        gather.__enter__()
+    try:
+        if rank == 0:
+            export = model
+            if cfg.lora.enabled:
+                import copy
+
+                export = copy.deepcopy(model).merge_and_unload()
+            export.save_pretrained(out)
+            tok.save_pretrained(out)
+            pre.save_pretrained(out)
+    finally:
+        if gather is not None:
+            gather.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- the job
+
+
+@dataclass
+class DPOResult:
+    checkpoint: str  # HF folder of the trained policy
+    metrics: list[dict]  # one entry per optimizer step (mean over workers)
+    seconds: float
+    restarts: int
+
+    def final(self) -> dict:
+        return self.metrics[-1] if self.metrics else {}
+
+
+def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | Path, out_dir: str | Path,
+              name: str, seed: int = 0) -> DPOResult:
+    """Run DPO on Ray Train and export the result to `out_dir/policy` (HF safetensors)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    out = Path(out_dir).resolve()
+    progress = out / "progress"
+    config = {"dpo": dpo.model_dump(), "data": data.model_dump(), "init": str(Path(init).resolve()),
+              "pairs": str(Path(pairs).resolve()), "progress_dir": str(progress), "seed": seed}
+    if dpo.num_workers == 0:  # in this process: debugging, and the floor of the speed benchmark
+        raise ValueError("dpo.num_workers=0 is not supported by train_dpo; use >= 1 worker")
+    resources = {"CPU": dpo.cpus_per_worker, **({"GPU": 1} if dpo.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=dpo.num_workers, use_gpu=dpo.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if dpo.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=str(out / "ray_train"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=dpo.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"DPO run {name} produced no checkpoint (see {out / 'ray_train'})")
+    policy = out / "policy"
+    with result.checkpoint.as_directory() as d:
+        if policy.exists():
+            shutil.rmtree(policy)
+        shutil.copytree(Path(d) / "model", policy)
+    metrics = [json.loads(line) for line in (progress / "metrics.jsonl").read_text().splitlines()]
+    restarts = sum(1 for a, b in zip(metrics, metrics[1:]) if b["step"] <= a["step"])
+    return DPOResult(str(policy), _dedupe_steps(metrics), time.perf_counter() - t0, restarts)
+
+
+def _dedupe_steps(metrics: list[dict]) -> list[dict]:
+    """After a restart the steps since the last checkpoint are run again: keep the last run."""
+    by_step = {}
+    for m in metrics:
+        by_step[m["step"]] = m
+    return [by_step[k] for k in sorted(by_step)]
