@@ -137,11 +137,22 @@ def test_actors_are_named_by_role(engine):
     assert {"gen-policy-0", "gen-other-0", "judge-0"} <= names
 
 
-def test_in_place_reload_keeps_the_process_and_bumps_the_version(engine, sft_zoo):
+def test_in_place_reload_keeps_the_process_changes_the_answers_and_bumps_the_version(engine, samples, sft_zoo):
+    from vpref.data.video import decode_video
+
     policy = engine.policy_replicas()[0]
-    before = ray.get(policy.info.remote())
+    clips = [decode_video(s.video, 8) for s in samples[:12]]
+    questions = [s.question for s in samples[:12]]
+    greedy = {"temperature": 0.0, "n": 1, "max_new_tokens": 16}
+
+    def answers():
+        return [c[0].text for c in ray.get(policy.generate.remote(clips, questions, greedy))]
+
+    before, said_before = ray.get(policy.info.remote()), answers()
     out = engine.reload_policy(sft_zoo / "other", version=7)
-    after = ray.get(policy.info.remote())
-    assert out[0]["pid"] == before["pid"] == after["pid"] and after["version"] == 7
+    after, said_after = ray.get(policy.info.remote()), answers()
+    assert out[0]["pid"] == before["pid"] == after["pid"] and after["version"] == 7  # same process, new weights
     assert after["path"].endswith("other") and out[0]["tensors"] > 10
+    assert said_after != said_before
     engine.reload_policy(sft_zoo / "policy", version=0)
+    assert answers() == said_before  # and back: the weights are exactly the checkpoint's

@@ -224,7 +224,7 @@ def train_loop(config: dict) -> None:
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=client_opt,
                                                  config=_deepspeed_config(cfg))
         if state_dir is not None:
-            engine.load_checkpoint(str(state_dir / "deepspeed"), tag="latest")
+            engine.load_checkpoint(str(state_dir / "deepspeed"))
         forward_model, unwrapped = engine, engine.module
     else:
         forward_model = ray.train.torch.prepare_model(model) if world > 1 or device is not None else model
@@ -296,7 +296,7 @@ def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         if cfg.strategy == "deepspeed":
-            forward_model.save_checkpoint(str(d / "deepspeed"), tag="latest")
+            forward_model.save_checkpoint(str(d / "deepspeed"))  # tag global_stepN; the "latest" file names it
         if rank == 0:
             (d / "trainer_state.json").write_text(json.dumps({"step": step, "total": total,
                                                               "resumed_from": resumed_from}))
