@@ -138,3 +138,68 @@ def test_malformed_judge_output_is_counted_nothing_is_lost_and_the_queue_pushes_
     backlog = max(r - j for _, r, j, _, _ in res.timeline)
     assert max(d for *_, d, _ in res.timeline) <= 6
     assert backlog <= 6 + 16 + 8 + 4 < 120
+
+
+@pytest.fixture()
+def served_judge(trained_judge):
+    """The trained tiny judge served over HTTP on loopback as an OpenAI-compatible endpoint."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    lock = threading.Lock()
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body["model"], self.headers.get("Authorization")))
+            with lock:  # one model, one request at a time
+                text = trained_judge.chat([body["messages"][0]["content"]], body["max_tokens"], body["temperature"],
+                                          body.get("seed", 0))[0]
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+
+
+def test_openai_compatible_endpoint_judge(served_judge, monkeypatch):
+    from vpref.models.openai_chat import OpenAIChat
+
+    base, seen = served_judge
+    monkeypatch.setenv("VPREF_TEST_KEY", "sk-test")
+    judge = LLMJudge(OpenAIChat(base, "tiny-judge", "VPREF_TEST_KEY", concurrency=2), "mmaipv", max_parse_retries=1,
+                     max_new_tokens=40)
+    judgments = judge.score(SAMPLE, ANSWERS * 3)
+    assert judge.name == "llm:tiny-judge" and sum(j.ok for j in judgments) >= 4
+    assert seen[0] == ("/v1/chat/completions", "tiny-judge", "Bearer sk-test")
+
+
+def test_an_unreachable_endpoint_is_a_clear_error_and_a_failure_record():
+    import socket
+
+    from vpref.actors.judge import failed_items
+    from vpref.models.openai_chat import EndpointError, OpenAIChat
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    judge = LLMJudge(OpenAIChat(f"http://127.0.0.1:{port}/v1", "m", retries=1, timeout_s=2), "mmaipv")
+    with pytest.raises(EndpointError, match=f"127.0.0.1:{port}/v1/chat/completions failed after 2 attempts"):
+        judge.score(SAMPLE, ANSWERS[:1])
+    items = [{"kind": "response", "response_id": "r1", "sample_id": "s1"},
+             {"kind": "pair", "verdict_id": "v1", "sample_id": "s1", "first_id": "a", "second_id": "b"}]
+    js, vs = failed_items(judge, items, "judge error: EndpointError: down")
+    assert [(j.response_id, j.ok, j.overall, j.error) for j in js] == [("r1", False, None, "judge error: EndpointError: down")]
+    assert [(v.verdict_id, v.ok, v.preferred) for v in vs] == [("v1", False, None)]

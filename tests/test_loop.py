@@ -34,9 +34,15 @@ def head(tmp_path_factory):
 
     tmp = Path(tempfile.mkdtemp(prefix="vh", dir="/tmp"))  # Ray's socket paths must stay under 108 characters
     port, dash = _free_port(), _free_port()
+    # Every port of its own: another cluster on this machine (this session's local one, say) holds
+    # Ray's default agent ports, and a head whose agent cannot bind runs no job.
+    own = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                           "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
+                                           "object-manager-port", "ray-client-server-port")}
     proc = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=8", f"--temp-dir={tmp}"],
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=8", f"--temp-dir={tmp}",
+         *(f"--{flag}={p}" for flag, p in own.items())],
         stdout=open(tmp / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     env = {**os.environ, "RAY_AUTH_MODE": "token"}  # token auth is on by default for local heads

@@ -47,7 +47,7 @@ def judge_identity(cfg) -> tuple[str, str, str]:
         j = ReferenceJudge()
         return j.name, j.rubric, j.rubric_version
     r = load_rubric(cfg.judge.rubric)
-    return f"llm:{Path(cfg.judge.model).name}", r.name, r.version
+    return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
 
 
 def batch_seed(run_seed: int, round_: int, member: ZooMember, index: int) -> int:

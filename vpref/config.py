@@ -192,8 +192,13 @@ class JudgeConfig(_Section):
         "reference", "reference: deterministic rubric judge of the synthetic world; llm: a language model judge"
     )
     rubric: Literal["mmaipv", "vlfeedback", "vlmrlaif"] = F("mmaipv", "rubric template of the LLM judge")
-    model: str | None = F(None, "LLM judge checkpoint folder (kind: llm)")
-    backend: Literal["hf", "vllm"] = F("hf", "LLM judge backend")
+    model: str | None = F(None, "LLM judge: checkpoint folder (hf, vllm) or model name at the endpoint (openai)")
+    backend: Literal["hf", "vllm", "openai"] = F("hf", "LLM judge backend; openai: an OpenAI-compatible endpoint")
+    api_base: str | None = F(None, "openai backend: base URL, e.g. https://api.openai.com/v1 or http://host:8000/v1")
+    api_key_env: str = F("OPENAI_API_KEY", "openai backend: environment variable holding the API key")
+    api_concurrency: int = F(8, "openai backend: requests in flight per judge actor", ge=1)
+    api_timeout_s: float = F(60.0, "openai backend: seconds per request", gt=0)
+    api_retries: int = F(3, "openai backend: retries of a failed request (transport errors, 429, 5xx)", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "LLM judge weights dtype")
     show_reference: bool = F(True, "show the manifest's reference answer to the LLM judge when there is one")
     pairwise_check: bool = F(False, "re-judge each candidate pair pairwise in both orders; drop inconsistent ones")
@@ -206,7 +211,9 @@ class JudgeConfig(_Section):
     @model_validator(mode="after")
     def _check(self):
         if self.kind == "llm" and not self.model:
-            raise ValueError("kind 'llm' needs judge.model (a checkpoint folder)")
+            raise ValueError("kind 'llm' needs judge.model (a checkpoint folder, or a model name for openai)")
+        if self.kind == "llm" and self.backend == "openai" and not self.api_base:
+            raise ValueError("backend 'openai' needs judge.api_base (the endpoint's base URL)")
         return self
 
 

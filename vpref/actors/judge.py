@@ -14,7 +14,7 @@ import ray
 from ray.util.queue import Empty
 
 from vpref.config import JudgeConfig
-from vpref.data.schema import Judgment, Verdict
+from vpref.data.schema import Judgment, Verdict, judgment_id
 from vpref.judges.base import ResponseView, SampleView
 
 
@@ -30,6 +30,11 @@ def make_judge(cfg: JudgeConfig, actor: str = ""):
         from vpref.actors.vllm_backend import VLLMChat
 
         lm = VLLMChat(cfg.model, cfg.dtype, cfg.vllm)
+    elif cfg.backend == "openai":
+        from vpref.models.openai_chat import OpenAIChat
+
+        lm = OpenAIChat(cfg.api_base, cfg.model, cfg.api_key_env, cfg.api_concurrency, cfg.api_timeout_s,
+                        cfg.api_retries)
     else:
         from vpref.models.text_lm import ChatLM
 
@@ -40,6 +45,16 @@ def make_judge(cfg: JudgeConfig, actor: str = ""):
 
 def sample_view(item: dict) -> SampleView:
     return SampleView(item["sample_id"], item["question"], item.get("answer"), item.get("caption"), item.get("family"))
+
+
+def failed_items(judge, items: list[dict], error: str) -> tuple[list[Judgment], list[Verdict]]:
+    """Explicit failure records for a batch the judge could not handle at all (an endpoint down)."""
+    js = [Judgment(judgment_id(i["response_id"], judge.name), i["response_id"], i["sample_id"], judge.name, judge.rubric,
+                   judge.rubric_version, ok=False, error=error, judge_actor=getattr(judge, "actor", ""))
+          for i in items if i["kind"] == "response"]
+    vs = [Verdict(i["verdict_id"], i["sample_id"], i["first_id"], i["second_id"], None, None, ok=False,
+                  consistent=False, error=error, judge=judge.name) for i in items if i["kind"] == "pair"]
+    return js, vs
 
 
 def judge_items(judge, items: list[dict]) -> tuple[list[Judgment], list[Verdict]]:
@@ -132,7 +147,10 @@ class JudgeActor:
             with self._lock:
                 self.busy = True
             t0 = time.perf_counter()
-            judgments, verdicts = judge_items(self.judge, items)
+            try:
+                judgments, verdicts = judge_items(self.judge, items)
+            except Exception as e:  # never lose a batch: each item gets a failure record naming the cause
+                judgments, verdicts = failed_items(self.judge, items, f"judge error: {type(e).__name__}: {e}")
             if judgments:
                 ray.get(writer.add_judgments.remote(judgments))
             if verdicts:

@@ -28,6 +28,17 @@ def model_type(path: str | Path) -> str:
     return json.loads(cfg.read_text()).get("model_type", "?")
 
 
+def chat_prompt(tokenizer, question: str, system: str | None = None) -> str:
+    """The chat prompt for one video and one question, from the checkpoint's own chat template,
+    with a single video placeholder (HF expands it below; vLLM expands it itself)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if text.count(VIDEO_PAD) != 1:
+        raise ValueError(f"the chat template must emit exactly one {VIDEO_PAD} for one video, got {text.count(VIDEO_PAD)}")
+    return text
+
+
 @dataclass
 class Batch:
     """Model inputs plus, for scoring batches, which positions hold response tokens."""
@@ -74,19 +85,11 @@ class VideoLM:
 
     # ------------------------------------------------------------------ prompts
 
-    def prompt_text(self, question: str, system: str | None = None) -> str:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     def prompt_ids(self, question: str, frames_shape: tuple[int, ...], system: str | None = None) -> list[int]:
         """Token ids of the prompt with the video placeholder expanded for a clip of this shape."""
         t, h, w = frames_shape[:3]
         n = self.preprocessor.num_video_tokens(t, h, w)
-        text = self.prompt_text(question, system)
-        if text.count(VIDEO_PAD) != 1:
-            raise ValueError(f"{self.path}: chat template must emit exactly one {VIDEO_PAD} for one video")
-        text = text.replace(VIDEO_PAD, VIDEO_PAD * n)
+        text = chat_prompt(self.tokenizer, question, system).replace(VIDEO_PAD, VIDEO_PAD * n)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def response_ids(self, response: str) -> list[int]:
