@@ -248,18 +248,34 @@ def test_vision_tower_comparison_on_real_checkpoints(ckpts, tiny_ckpt):
 
 def test_vision_skip_decision(ckpts, tmp_path):
     a, b, c = ckpts["a"], ckpts["b"], ckpts["c"]
-    assert vb.decide_skip_vision(None, True, a, c) == (True, "vision tensors unchanged")
-    assert vb.decide_skip_vision(None, True, a, b) == (False, "vision tensors changed")
-    assert vb.decide_skip_vision(None, True, a, a) == (True, "same checkpoint")
-    assert vb.decide_skip_vision(False, True, a, c) == (False, "caller")
-    assert vb.decide_skip_vision(True, True, a, b) == (True, "caller")
+    sig = vb.files_signature(a)  # taken when the engine loaded a
+    assert vb.decide_skip_vision(None, True, a, c, sig) == (True, "vision tensors unchanged")
+    assert vb.decide_skip_vision(None, True, a, b, sig) == (False, "vision tensors changed")
+    assert vb.decide_skip_vision(None, True, a, a, sig) == (True, "same checkpoint")
+    assert vb.decide_skip_vision(None, True, a, c, None) == (False, "weights held by the engine unknown")
+    assert vb.decide_skip_vision(False, True, a, c, sig) == (False, "caller")
+    assert vb.decide_skip_vision(True, True, a, b, sig) == (True, "caller")
     # After sleep(level=2) there is nothing to keep.
-    assert vb.decide_skip_vision(None, False, a, c) == (False, "weights discarded by sleep(level=2)")
+    assert vb.decide_skip_vision(None, False, a, c, sig)[0] is False
     with pytest.raises(ValueError, match="discarded"):
-        vb.decide_skip_vision(True, False, a, c)
+        vb.decide_skip_vision(True, False, a, c, sig)
     # The previous checkpoint was deleted: load everything.
-    skip, reason = vb.decide_skip_vision(None, True, tmp_path / "gone", c)
+    skip, reason = vb.decide_skip_vision(None, True, tmp_path / "gone", c, sig)
     assert not skip and reason.startswith("cannot compare")
+
+
+def test_a_rewritten_current_checkpoint_is_not_trusted(ckpts, tmp_path):
+    """save_state_dict replaces a folder in place: its files then no longer describe the weights
+    the engine loaded from it, even at the same path."""
+    from vpref.train.checkpoint import load_state_dict, save_state_dict
+
+    cur = save_state_dict(load_state_dict(ckpts["a"]), ckpts["a"], tmp_path / "policy")
+    sig = vb.files_signature(cur)
+    assert vb.decide_skip_vision(None, True, cur, ckpts["c"], sig)[0] is True
+    save_state_dict(load_state_dict(ckpts["b"]), ckpts["b"], cur)  # rewritten with other weights
+    skip, reason = vb.decide_skip_vision(None, True, cur, ckpts["c"], sig)
+    assert not skip and "rewritten" in reason
+    assert vb.decide_skip_vision(None, True, cur, cur, sig)[0] is False
 
 
 def test_architecture_guard_and_parameter_count(ckpts, tiny_ckpt):

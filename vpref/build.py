@@ -83,9 +83,14 @@ class DataEngine:
             for i in range(m.replicas):
                 name = f"gen-{m.name}-{i}"
                 r = m.resources
+                if m.backend == "vllm":  # GPUs through a placement group when tensor parallel
+                    from vpref.actors.vllm_backend import vllm_actor_options
+
+                    res = vllm_actor_options(m)
+                else:
+                    res = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.custom) or None)
                 replicas.append(RemoteGenerator.options(
-                    name=name, namespace=ns, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                    resources=dict(r.custom) or None, max_restarts=-1, max_task_retries=-1,
+                    name=name, namespace=ns, max_restarts=-1, max_task_retries=-1, **res,
                 ).remote(m.model_dump(), name, str(self.state_dir / "actors" / f"{name}.json")))
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
@@ -105,6 +110,21 @@ class DataEngine:
     def reload_policy(self, checkpoint: str | Path, version: int) -> list[dict]:
         """Load new policy weights into every policy replica, in place and in parallel."""
         return ray.get([a.load_weights.remote(str(checkpoint), version) for a in self.policy_replicas()])
+
+    def _sleepers(self) -> list:
+        return [a for m in self.cfg.zoo if m.name in self.generators and m.backend == "vllm"
+                and m.vllm.enable_sleep_mode for a in self.generators[m.name]]
+
+    def sleep(self, level: int = 1) -> int:
+        """Free the GPUs of sleep-enabled vLLM generators (training shares them); returns how many slept."""
+        actors = self._sleepers()
+        ray.get([a.sleep.remote(level) for a in actors])
+        return len(actors)
+
+    def wake_up(self) -> int:
+        actors = self._sleepers()
+        ray.get([a.wake_up.remote() for a in actors])
+        return len(actors)
 
     def judge_items(self, items: list[dict]) -> list:
         """Score response items outside a build (evaluation): the reference judge runs right here;

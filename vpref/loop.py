@@ -191,8 +191,13 @@ def run(cfg: Config) -> dict:
             state.stage(t, "reference", reference)
 
             def dpo():
-                r = train_dpo(cfg.dpo, cfg.data, prev, rdir / "train" / "pairs_ref.parquet", rdir / "train",
-                              name=f"{cfg.run.name}-round{t}", seed=cfg.run.seed + t)
+                slept = engine.sleep(level=1)  # sleep-enabled vLLM generators lend their GPUs to training
+                try:
+                    r = train_dpo(cfg.dpo, cfg.data, prev, rdir / "train" / "pairs_ref.parquet", rdir / "train",
+                                  name=f"{cfg.run.name}-round{t}", seed=cfg.run.seed + t)
+                finally:
+                    if slept:
+                        engine.wake_up()
                 return {"checkpoint": r.checkpoint, "final": r.final(), "curve": r.metrics, "restarts": r.restarts}
 
             trained = state.stage(t, "dpo", dpo)

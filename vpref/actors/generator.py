@@ -103,6 +103,17 @@ class GeneratorActor:
             os.replace(tmp, self.state_file)
         return {"actor": self.name, "pid": os.getpid(), "version": version, **out}
 
+    def sleep(self, level: int = 1) -> dict:
+        """Release the GPU (vLLM sleep mode) while training uses it."""
+        if not hasattr(self.backend, "sleep"):
+            raise NotImplementedError(f"{self.name}: the {self.member.backend} backend has no sleep mode")
+        return self.backend.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None):
+        if not hasattr(self.backend, "wake_up"):
+            raise NotImplementedError(f"{self.name}: the {self.member.backend} backend has no sleep mode")
+        return self.backend.wake_up(tags)
+
     def score_pairs(self, rows: list[dict], data: dict, batch_size: int) -> list[tuple]:
         """Sequence log-probs of pairs under the weights held now (reference log-probs)."""
         from vpref.config import DataConfig

@@ -22,9 +22,14 @@ RemoteJudge = ray.remote(JudgeActor)
 
 def judge_actor_options(cfg: JudgeConfig, name: str, namespace: str | None) -> dict:
     r = cfg.pool.resources
-    return dict(name=name, namespace=namespace, num_cpus=r.num_cpus, num_gpus=r.num_gpus,
-                resources=dict(r.custom) or None, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
-                get_if_exists=False)
+    if cfg.kind == "llm" and cfg.backend == "vllm":  # GPUs through a placement group when tensor parallel
+        from vpref.actors.vllm_backend import vllm_actor_options
+
+        res = vllm_actor_options(cfg, r)
+    else:
+        res = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.custom) or None)
+    return dict(name=name, namespace=namespace, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
+                get_if_exists=False, **res)
 
 
 class JudgePool:

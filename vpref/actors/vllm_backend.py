@@ -453,22 +453,39 @@ def vision_tensors_equal(old: str | Path, new: str | Path, prefixes: tuple[str, 
     return True
 
 
+def files_signature(folder: str | Path) -> list[tuple[str, int, int, int]]:
+    """(name, size, mtime_ns, inode) of a checkpoint's weight files: changes when they are rewritten."""
+    from vpref.train.checkpoint import safetensor_files
+
+    out = []
+    for f in safetensor_files(folder):
+        st = f.stat()
+        out.append((f.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return out
+
+
 def decide_skip_vision(requested: bool | None, weights_valid: bool, current: str | Path | None,
-                       new: str | Path, prefixes: tuple[str, ...] = VISION_PREFIXES) -> tuple[bool, str]:
+                       new: str | Path, current_signature: list | None = None,
+                       prefixes: tuple[str, ...] = VISION_PREFIXES) -> tuple[bool, str]:
     """Whether a reload may keep the engine's vision tower, and why.
 
     `requested`: the caller's choice (None: decide by comparing the checkpoints).
-    `weights_valid`: False after sleep(level=2), when the engine holds no weights to keep."""
+    `weights_valid`: False after sleep(level=2) or a failed load: no weights to keep.
+    `current`: the folder the engine's weights came from; `current_signature`: its
+    `files_signature` when they were loaded -- if the folder was rewritten since, its files no
+    longer describe the engine's weights and nothing is skipped."""
     if not weights_valid:
         if requested:
-            raise ValueError("skip_vision=True, but the engine's weights were discarded by sleep(level=2); "
-                             "the vision tower must be loaded too")
-        return False, "weights discarded by sleep(level=2)"
+            raise ValueError("skip_vision=True, but the engine holds no complete weights (discarded by "
+                             "sleep(level=2) or a failed load); the vision tower must be loaded too")
+        return False, "engine weights discarded (sleep level 2) or incomplete (failed load)"
     if requested is not None:
         return bool(requested), "caller"
-    if current is None:
-        return False, "no current checkpoint"
+    if current is None or current_signature is None:
+        return False, "weights held by the engine unknown"
     try:
+        if files_signature(current) != current_signature:
+            return False, f"{current} was rewritten since it was loaded"
         if Path(current).resolve() == Path(new).resolve():
             return bool(vision_tensor_names(new, prefixes)), "same checkpoint"
         same = vision_tensors_equal(current, new, prefixes)
@@ -562,7 +579,8 @@ class VPrefWorkerExtension:
         runner_reload = getattr(runner, "reload_weights", None)
         params = inspect.signature(runner_reload).parameters if callable(runner_reload) else {}
         # vLLM logs "<Layer>: Failed to load weights" for every skipped layer; expected here.
-        with _quiet_logger(_LAYERWISE_LOGGER, bool(skip)), set_current_vllm_config(self.vllm_config):
+        with (_quiet_logger(_LAYERWISE_LOGGER, bool(skip)), set_current_vllm_config(self.vllm_config),
+              torch.no_grad()):
             if "weights_iterator" in params:
                 kw = {"weights_iterator": weights()}
                 if "is_checkpoint_format" in params:
@@ -571,8 +589,7 @@ class VPrefWorkerExtension:
                 mode = "layerwise_reload"
             else:
                 model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-                with torch.no_grad():
-                    model.load_weights(weights())
+                model.load_weights(weights())
                 for reset in ("reset_encoder_cache", "reset_mm_cache"):
                     if callable(getattr(runner, reset, None)):
                         getattr(runner, reset)()
@@ -611,6 +628,7 @@ class VLLMBackend:
         self.preprocessor = VideoPreprocessor.from_pretrained(path)
         self.tokenizer = _tokenizer(path)
         self.stop_ids = stop_token_ids(self.tokenizer, path)
+        self._signature = files_signature(path)  # the files the engine's weights come from
         self.ignore_eos = os.environ.get(IGNORE_EOS_ENV) == "1"
         self._vllm = vllm
         t0 = time.perf_counter()
@@ -649,8 +667,8 @@ class VLLMBackend:
         if self._asleep:
             raise RuntimeError(f"the vLLM engine is asleep ({sorted(self._asleep)}); call wake_up() first")
         if not self._weights_valid:
-            raise RuntimeError("the engine's weights were discarded by sleep(level=2); call load_weights(...) "
-                               "after wake_up(['weights'])")
+            raise RuntimeError("the engine holds no complete weights (discarded by sleep(level=2), or a "
+                               "load_weights failed); call load_weights(...) (after wake_up(['weights']))")
 
     # ------------------------------------------------------------------ weights
 
@@ -664,13 +682,19 @@ class VLLMBackend:
         checkpoint_dir = str(checkpoint_dir)
         t0 = time.perf_counter()
         check_same_architecture(self.arch, checkpoint_dir)
-        skip, reason = decide_skip_vision(skip_vision, self._weights_valid, self.path, checkpoint_dir)
+        skip, reason = decide_skip_vision(skip_vision, self._weights_valid, self.path, checkpoint_dir,
+                                          self._signature)
+        signature = files_signature(checkpoint_dir)  # before reading: what the engine will hold
         t1 = time.perf_counter()
-        per_rank = self.llm.collective_rpc("vpref_load_checkpoint",
-                                           args=(checkpoint_dir, list(VISION_PREFIXES) if skip else []))
+        try:
+            per_rank = self.llm.collective_rpc("vpref_load_checkpoint",
+                                               args=(checkpoint_dir, list(VISION_PREFIXES) if skip else []))
+        except Exception:  # a partial load leaves mixed weights: refuse to generate until a load succeeds
+            self._weights_valid, self._signature = False, None
+            raise
         t2 = time.perf_counter()
         self.reset_caches()
-        self.path, self._weights_valid = checkpoint_dir, True
+        self.path, self._weights_valid, self._signature = checkpoint_dir, True, signature
         self.reloads += 1
         r0 = per_rank[0]
         return {"tensors": r0["loaded"], "skipped_tensors": r0["skipped"], "bytes": r0["bytes"],

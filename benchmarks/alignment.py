@@ -1,0 +1,130 @@
+"""Alignment benchmark (issue 4): does AI feedback improve the policy, and which parts matter?
+
+    python benchmarks/alignment.py --seeds 0,1,2 --out benchmarks/results/alignment.json
+
+On the synthetic world, for each seed (SFT initialisation, sampling, each round's questions):
+
+* SFT start (round 0)
+* one round of DPO                 = round 1 of the iterative run without extrapolation
+* iterative DPO, no extrapolation  (reference := previous policy, alpha 0)
+* Iter-W2S, alpha fixed            (reference := previous policy, alpha 0.3)
+* Iter-W2S, alpha chosen by judge  (alpha from {0, 0.3, 0.6} by the dev judge score; the demo default)
+* Iter-W2S, reference kept at SFT  (alpha 0.3; the "no reference update" ablation)
+
+Each run is a real `vpref run` (Ray Train DPO included); test accuracy and judge score per round
+go to JSON, and a PNG plots the mean over seeds with the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vpref.config import load_config  # noqa: E402
+from vpref.loop import run  # noqa: E402
+from vpref.train.sft import run_sft  # noqa: E402
+from vpref.utils import quiet_libraries  # noqa: E402
+
+VARIANTS = {
+    "iterative_dpo": ["loop.alpha=0.0", "loop.alpha_grid=null"],
+    "iter_w2s_alpha_fixed": ["loop.alpha=0.3", "loop.alpha_grid=null"],
+    "iter_w2s_alpha_judge": [],  # the defaults: alpha grid picked on dev
+    "iter_w2s_ref_sft": ["loop.alpha=0.3", "loop.alpha_grid=null", "loop.reference=initial"],
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-alignment"), help="folder for the runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "alignment.json"))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    quiet_libraries()
+    work = Path(args.work)
+    results: dict = {"variants": {}, "seeds": [int(s) for s in args.seeds.split(",")]}
+    if Path(args.out).is_file():  # resume a partial benchmark: finished runs are skipped by vpref itself
+        results = json.loads(Path(args.out).read_text())
+    for seed in results["seeds"]:
+        sft_dir = work / f"seed{seed}" / "sft"
+        members = (f"sft.members=[{{name: policy, size: 1m, steps: 100, seed: {seed}}}, "
+                   f"{{name: strong, size: 1m, steps: 300, seed: {seed + 1}, init_from: policy}}, "
+                   f"{{name: noisy, size: 1m, steps: 150, label_noise: 0.3, seed: {seed + 2}}}]")
+        base = [f"run.seed={seed}", f"sft.out={sft_dir}", members, "ray.include_dashboard=false"]
+        cfg = load_config(None, base)
+        if not all((sft_dir / m.name / "model.safetensors").is_file() for m in cfg.sft.members):
+            run_sft(cfg)
+        zoo = [f"zoo.{i}.path={sft_dir / m}" for i, m in enumerate(("policy", "strong", "noisy"))]
+        for name in args.variants.split(","):
+            out = work / f"seed{seed}" / name
+            t0 = time.perf_counter()
+            metrics = run(load_config(None, base + zoo + VARIANTS[name] + [f"run.out_dir={out}",
+                                                                         f"run.name=align-{name}-s{seed}"]))
+            rows = [{"round": r["round"], "accuracy": r["accuracy"], "judge_score": r["judge_score"],
+                     "mean_words": r["mean_length"], "alpha": r.get("alpha"), "pairs": r.get("pairs")}
+                    for r in metrics["rounds"]]
+            results["variants"].setdefault(name, {})[str(seed)] = {"rounds": rows,
+                                                                   "seconds": round(time.perf_counter() - t0, 1)}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+            print(f"seed {seed} {name}: " + ", ".join(f"r{r['round']} acc {r['accuracy']:.3f} judge "
+                                                      f"{r['judge_score']:.3f}" for r in rows), flush=True)
+    results["summary"] = summarise(results)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    plot(results, Path(args.out).with_suffix(".png"))
+    print(json.dumps(results["summary"], indent=2))
+    return 0
+
+
+def summarise(results: dict) -> dict:
+    """Mean and spread over seeds, per variant and round; 'one_round_dpo' is round 1 of iterative DPO."""
+    out = {}
+    for name, by_seed in results["variants"].items():
+        rounds = sorted({r["round"] for s in by_seed.values() for r in s["rounds"]})
+        out[name] = {}
+        for t in rounds:
+            acc = [r["accuracy"] for s in by_seed.values() for r in s["rounds"] if r["round"] == t]
+            judge = [r["judge_score"] for s in by_seed.values() for r in s["rounds"] if r["round"] == t]
+            out[name][t] = {"accuracy_mean": statistics.mean(acc), "accuracy_sd": statistics.pstdev(acc),
+                            "judge_mean": statistics.mean(judge), "judge_sd": statistics.pstdev(judge),
+                            "seeds": len(acc)}
+    if "iterative_dpo" in out:
+        out["sft_start"] = {0: out["iterative_dpo"][0]}
+        out["one_round_dpo"] = {1: out["iterative_dpo"][1]}
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for name, rows in results["summary"].items():
+        if name in ("sft_start", "one_round_dpo"):
+            continue
+        xs = sorted(rows, key=int)
+        for ax, key in zip(axes, ("accuracy", "judge")):
+            ys = [rows[x][f"{key}_mean"] for x in xs]
+            sd = [rows[x][f"{key}_sd"] for x in xs]
+            ax.errorbar([int(x) for x in xs], ys, yerr=sd, marker="o", capsize=3, label=name)
+    axes[0].set_title("test QA exact-match accuracy")
+    axes[1].set_title("judge score (1-5)")
+    for ax in axes:
+        ax.set_xlabel("round (0 = SFT start)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
