@@ -35,7 +35,7 @@ import ray
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vpref.actors.judge import judge_items  # noqa: E402
+from vpref.actors.judge import judge_items, response_item  # noqa: E402
 from vpref.actors.pool import JudgePool  # noqa: E402
 from vpref.actors.writer import PairWriter, write_plan  # noqa: E402
 from vpref.build import DataEngine  # noqa: E402
@@ -45,6 +45,10 @@ from vpref.data.schema import read_records, write_shard  # noqa: E402
 from vpref.judges.base import SampleView  # noqa: E402
 from vpref.judges.reference import ReferenceJudge  # noqa: E402
 from vpref.utils import quiet_libraries  # noqa: E402
+
+
+def _item(r, s) -> dict:
+    return response_item(r.response_id, r.text, s.id, s.question, s.answer, s.caption, s.family)
 
 
 def _timed(fn):
@@ -82,9 +86,7 @@ def streaming(engine: DataEngine, cfg, samples, tmp: Path, repeats: int) -> dict
         t_gen, _ = _timed(generate_all)
         # Judge alone: the same responses scored by the same number of judge actors.
         by_id = {s.id: s for s in samples}
-        items = [{"kind": "response", "response_id": r.response_id, "sample_id": r.sample_id, "text": r.text,
-                  "question": by_id[r.sample_id].question, "answer": by_id[r.sample_id].answer,
-                  "caption": by_id[r.sample_id].caption, "family": by_id[r.sample_id].family} for r in responses]
+        items = [_item(r, by_id[r.sample_id]) for r in responses]
         judges = list(engine.pool.actors.values()) or []
         bs = cfg.judge.pool.batch_size
 
@@ -171,9 +173,7 @@ def judge_scaling(base_cfg, samples, build_dir: Path, tmp: Path, latency: float,
         ray.get([a.ready.remote() for a in pool.actors.values()])
         queue, pair_queue = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
         writer = ray.remote(PairWriter).options(num_cpus=0).remote(str(d), cfg.pairs.model_dump(), pair_queue)
-        items = [{"kind": "response", "response_id": r.response_id, "sample_id": r.sample_id, "text": r.text,
-                  "question": by_id[r.sample_id].question, "answer": by_id[r.sample_id].answer,
-                  "caption": by_id[r.sample_id].caption, "family": by_id[r.sample_id].family} for r in responses]
+        items = [_item(r, by_id[r.sample_id]) for r in responses]
         queue.put_nowait_batch(items)
         t0 = time.perf_counter()
         pool.attach(queue, pair_queue, writer)
@@ -225,7 +225,7 @@ def main() -> int:
     ap.add_argument("--judges", default="1,2,4,8")
     args = ap.parse_args()
     quiet_libraries()
-    overrides = ["ray.include_dashboard=false"]
+    overrides = ["ray.include_dashboard=false", "judge.pool.max=1"]  # stage-alone runs use the same one judge
     cfg = load_config(None, overrides)
     for p in [cfg.data.train] + [m.path for m in cfg.zoo]:
         if not Path(p).exists():

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from vpref.actors.judge import response_item
 from vpref.build import DataEngine
 from vpref.cluster import init_ray
 from vpref.config import Config
@@ -104,8 +105,7 @@ class Evaluator:
             calls.append(actor.generate.remote([self.clips[s.video] for s in chunk], [s.question for s in chunk],
                                                greedy, seed=i))
         answers = [c[0] for ref in calls for c in ray.get(ref)]
-        items = [{"kind": "response", "response_id": f"eval:{s.id}", "sample_id": s.id, "text": a.text,
-                  "question": s.question, "answer": s.answer, "caption": s.caption, "family": s.family}
+        items = [response_item(f"eval:{s.id}", a.text, s.id, s.question, s.answer, s.caption, s.family)
                  for s, a in zip(samples, answers)]
         judgments = self.engine.judge_items(items)
         records = [EvalRecord(s, a, j) for s, a, j in zip(samples, answers, judgments)]

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from vpref.actors.backends import GenRequest, make_backend
+from vpref.actors.judge import response_item
 from vpref.config import ZooMember
 from vpref.data.schema import Response, response_id
 
@@ -40,12 +41,6 @@ class WorkBatch:
     round: int
     seed: int
     items: list[WorkItem] = field(default_factory=list)
-
-
-def queue_item(resp: Response, item: WorkItem) -> dict:
-    """What a judge needs: the response and the question's context (no frames)."""
-    return {"kind": "response", "response_id": resp.response_id, "sample_id": item.sample_id, "text": resp.text,
-            "question": item.question, "answer": item.answer, "caption": item.caption, "family": item.family}
 
 
 def put_all(queue, items: list) -> None:
@@ -151,7 +146,8 @@ class GeneratorActor:
                     top_p=s.top_p, seed=batch.seed, generator=self.name,
                 )
                 responses.append(r)
-                items.append(queue_item(r, it))
+                items.append(response_item(r.response_id, r.text, it.sample_id, it.question, it.answer,
+                                           it.caption, it.family))
         ray.get(writer.add_responses.remote(responses))  # durable before it is judged
         put_all(queue, items)
         self.metrics["responses"].inc(len(responses), tags={"model": self.member.name})

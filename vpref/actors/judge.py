@@ -43,6 +43,22 @@ def make_judge(cfg: JudgeConfig, actor: str = ""):
                     cfg.retry_temperature, actor=actor)
 
 
+def response_item(response_id: str, text: str, sample_id: str, question: str, answer: str | None = None,
+                  caption: str | None = None, family: str | None = None) -> dict:
+    """A queue item for the judges: one response and what a judge may know of its question (never
+    the frames)."""
+    return {"kind": "response", "response_id": response_id, "text": text, "sample_id": sample_id,
+            "question": question, "answer": answer, "caption": caption, "family": family}
+
+
+def pair_item(verdict_id: str, sample_id: str, first: tuple[str, str], second: tuple[str, str], question: str,
+              answer: str | None = None, caption: str | None = None, family: str | None = None) -> dict:
+    """A queue item for a pairwise check: two (response id, text) to compare in both orders."""
+    return {"kind": "pair", "verdict_id": verdict_id, "sample_id": sample_id, "first_id": first[0],
+            "first_text": first[1], "second_id": second[0], "second_text": second[1], "question": question,
+            "answer": answer, "caption": caption, "family": family}
+
+
 def sample_view(item: dict) -> SampleView:
     return SampleView(item["sample_id"], item["question"], item.get("answer"), item.get("caption"), item.get("family"))
 

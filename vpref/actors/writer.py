@@ -18,6 +18,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from vpref.actors.judge import pair_item, response_item
 from vpref.config import PairsConfig
 from vpref.data.schema import Judgment, Pair, Response, Verdict, compact, pair_id, read_records, write_shard
 from vpref.judges.pairs import Candidate, make_pairs
@@ -150,13 +151,8 @@ class PairWriter:
             if vid in self.requested or self.pair_queue is None:
                 continue
             self.requested.add(vid)
-            self.pair_queue.put_nowait(self._pair_job(sid, s, vid, c, r))
-
-    @staticmethod
-    def _pair_job(sid, s, vid, c, r) -> dict:
-        return {"kind": "pair", "verdict_id": vid, "sample_id": sid, "first_id": c.response_id, "first_text": c.text,
-                "second_id": r.response_id, "second_text": r.text, "question": s["question"],
-                "answer": s.get("answer"), "caption": s.get("caption"), "family": s.get("family")}
+            self.pair_queue.put_nowait(pair_item(vid, sid, (c.response_id, c.text), (r.response_id, r.text),
+                                                 s["question"], s.get("answer"), s.get("caption"), s.get("family")))
 
     def _pair(self, sid: str, c: Candidate, r: Candidate) -> Pair:
         s = self.samples[sid]
@@ -211,9 +207,8 @@ class PairWriter:
         for r in self.responses.values():
             if r.error is None and r.response_id not in self.judgments and r.sample_id not in self.dropped:
                 s = self.samples[r.sample_id]
-                todo.append({"kind": "response", "response_id": r.response_id, "sample_id": r.sample_id,
-                             "text": r.text, "question": s["question"], "answer": s.get("answer"),
-                             "caption": s.get("caption"), "family": s.get("family")})
+                todo.append(response_item(r.response_id, r.text, r.sample_id, s["question"], s.get("answer"),
+                                          s.get("caption"), s.get("family")))
         self.requested &= set(self.verdicts)  # forget requests that were lost, then ask again
         self._finish_samples(set(self.expected) - self.finished)
         return todo
