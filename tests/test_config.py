@@ -60,3 +60,15 @@ def test_cli_config_show(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["dpo"]["beta"] == 0.25
     assert main(["config", "show", "--set", "dpo.bta=1"]) == 2
     assert "did you mean 'beta'" in capsys.readouterr().err
+
+
+def test_every_shipped_config_and_recipe_is_valid():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml")) + sorted((root / "recipes").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.policy_member is not None, f
+        assert cfg.ray.namespace == f"vpref-{cfg.run.name}"

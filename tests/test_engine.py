@@ -97,22 +97,23 @@ def test_killing_a_judge_a_generator_and_the_writer_mid_run_loses_and_duplicates
     clean = engine.build(samples, tmp_path / "clean", round_=2, policy_version=0)
     assert clean.status["complete"]
     killed: dict[str, int] = {}
+    ns = engine.cfg.ray.namespace  # vpref-<run name>
 
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline and len(killed) < 3:
             try:
-                writer = ray.get_actor("writer-r2", namespace="vpref")
+                writer = ray.get_actor("writer-r2", namespace=ns)
                 st = ray.get(writer.status.remote(), timeout=20)
             except Exception:
                 time.sleep(0.05)
                 continue
             total = st["expected_responses"]
             if "generator" not in killed and st["responses"] >= 0.15 * total:
-                ray.kill(ray.get_actor("gen-policy-0", namespace="vpref"), no_restart=False)
+                ray.kill(ray.get_actor("gen-policy-0", namespace=ns), no_restart=False)
                 killed["generator"] = st["responses"]
             elif "judge" not in killed and st["judged"] >= 0.3 * total:
-                ray.kill(ray.get_actor("judge-0", namespace="vpref"), no_restart=False)
+                ray.kill(ray.get_actor("judge-0", namespace=ns), no_restart=False)
                 killed["judge"] = st["judged"]
             elif "writer" not in killed and "judge" in killed and st["samples_finished"] >= 1:
                 ray.kill(writer, no_restart=False)
@@ -133,8 +134,10 @@ def test_killing_a_judge_a_generator_and_the_writer_mid_run_loses_and_duplicates
 
 
 def test_actors_are_named_by_role(engine):
-    names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    assert {"gen-policy-0", "gen-other-0", "judge-0"} <= names
+    named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    ns = engine.cfg.ray.namespace
+    assert ns == "vpref-demo"  # one namespace per run name: two runs on one cluster never clash
+    assert {(ns, "gen-policy-0"), (ns, "gen-other-0"), (ns, "judge-0"), (ns, "decoder-0")} <= named
 
 
 def test_in_place_reload_keeps_the_process_changes_the_answers_and_bumps_the_version(engine, samples, sft_zoo):

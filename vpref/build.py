@@ -26,7 +26,7 @@ from ray.util.queue import Queue
 from vpref.actors.decode import DecoderPool
 from vpref.actors.generator import GeneratorActor, WorkBatch, WorkItem
 from vpref.actors.metrics import driver_metrics
-from vpref.actors.pool import JudgePool
+from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
@@ -76,6 +76,7 @@ class DataEngine:
         ns = cfg.ray.namespace
         self.state_dir = Path(state_dir)
         self.generators: dict[str, list] = {}
+        self.groups: list = []  # placement groups of tensor-parallel generators
         for m in cfg.zoo:
             if members is not None and m.name not in members:
                 continue
@@ -87,6 +88,7 @@ class DataEngine:
                     from vpref.actors.vllm_backend import vllm_actor_options
 
                     res = vllm_actor_options(m)
+                    self.groups.append(placement_group_of(res))
                 else:
                     res = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.custom) or None)
                 replicas.append(RemoteGenerator.options(
@@ -147,6 +149,8 @@ class DataEngine:
         for reps in self.generators.values():
             for a in reps:
                 ray.kill(a, no_restart=True)
+        for pg in self.groups:
+            release_group(pg)
 
     # ------------------------------------------------------------------ one build
 
@@ -161,7 +165,7 @@ class DataEngine:
         if not members:
             raise ValueError("the zoo has no generator (role: generator) members")
         self.decoders.reset()
-        samples = self._with_captions(samples, out)
+        samples = self.with_captions(samples, out)
         by_id = {s.id: s for s in samples}
         expected = {s.id: [response_id(round_, s.id, m.name, k) for m in members for k in range(m.sampling.n)]
                     for s in samples}
@@ -348,7 +352,7 @@ class DataEngine:
                    for it in wb.items for k in range(member.sampling.n)]
         ray.get(writer.add_responses.remote(records))
 
-    def _with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
+    def with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
         """Fill missing captions with the zoo's captioner (VLM-RLAIF's context), once per video."""
         need = sorted({s.video for s in samples if not s.caption})
         captioners = [m for m in self.cfg.zoo if m.role == "captioner"]

@@ -49,7 +49,9 @@ class RayConfig(_Section):
         8, "logical CPUs of a new local cluster (the demo's actors take turns: generate, judge, train), null: all cores"
     )
     include_dashboard: bool = F(True, "start the dashboard (and the State API Ray Train uses) with a new local cluster")
-    namespace: str = F("vpref", "Ray namespace that holds vpref's named actors")
+    namespace: str | None = F(
+        None, "Ray namespace of vpref's named actors; null: vpref-<run.name>, so two runs on one cluster never clash"
+    )
 
 
 class SynthConfig(_Section):
@@ -261,7 +263,10 @@ class DPOConfig(_Section):
     )
     num_workers: int = F(2, "Ray Train workers (0: run in the driver process, for debugging)", ge=0)
     cpus_per_worker: float = F(1.0, "CPUs per training worker", gt=0)
-    use_gpu: bool = F(False, "one GPU per training worker")
+    use_gpu: bool = F(False, "train on GPUs (nccl; one process per GPU share)")
+    gpus_per_worker: float = F(
+        1.0, "GPU share of each training worker; < 1 to share GPUs with sleeping vLLM generators that hold the rest",
+        gt=0, le=1)
     strategy: Literal["ddp", "deepspeed"] = F("ddp", "ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
     zero_stage: Literal[1, 2, 3] = F(2, "DeepSpeed ZeRO stage")
     bf16: bool = F(False, "bfloat16 mixed precision (DeepSpeed)")
@@ -320,6 +325,12 @@ class Config(_Section):
         if sum(m.policy for m in zoo) > 1:
             raise ValueError("at most one zoo member may be the policy (policy: true)")
         return zoo
+
+    @model_validator(mode="after")
+    def _namespace(self):
+        if self.ray.namespace is None:
+            self.ray.namespace = f"vpref-{self.run.name}"
+        return self
 
     @property
     def policy_member(self) -> ZooMember | None:

@@ -79,6 +79,7 @@ class Evaluator:
 
     def __init__(self, engine: DataEngine, cfg: Config, samples: list[Sample], rejects_path: Path):
         self.engine, self.cfg = engine, cfg
+        samples = engine.with_captions(samples, rejects_path.parent)  # the judge's context, as in training
         refs = {v: engine.decoders.submit(v) for v in sorted({s.video for s in samples})}
         self.clips, bad = {}, {}
         for v, ref in refs.items():

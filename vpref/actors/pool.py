@@ -42,6 +42,7 @@ class JudgePool:
         self.runs: dict[str, ray.ObjectRef] = {}
         self.wiring = None
         self.events: list[tuple[float, str, str]] = []  # (time, "up"|"down", judge name)
+        self.groups: dict[str, object] = {}  # placement groups of multi-GPU (tensor parallel) judges
         self._next = 0
         self._last_change = 0.0
         while len(self.actors) < cfg.pool.min:
@@ -52,9 +53,10 @@ class JudgePool:
     def _spawn(self) -> str:
         name = f"judge-{self._next}"
         self._next += 1
-        actor = RemoteJudge.options(**judge_actor_options(self.cfg, name, self.namespace)).remote(
-            self.cfg.model_dump(), name)
+        opts = judge_actor_options(self.cfg, name, self.namespace)
+        actor = RemoteJudge.options(**opts).remote(self.cfg.model_dump(), name)
         self.actors[name] = actor
+        self.groups[name] = placement_group_of(opts)
         self.ready_refs[name] = actor.ready.remote()
         if self.wiring is not None:
             self._start(name)
@@ -80,6 +82,7 @@ class JudgePool:
             if run is not None:
                 ray.wait([run], timeout=timeout_s)  # let it finish the batch in hand
         ray.kill(actor, no_restart=True)
+        release_group(self.groups.pop(name, None))
 
     # ------------------------------------------------------------------ a build's wiring
 
@@ -107,6 +110,7 @@ class JudgePool:
     def shutdown(self) -> None:
         for name in list(self.actors):
             ray.kill(self.actors.pop(name), no_restart=True)
+            release_group(self.groups.pop(name, None))
         self.ready_refs.clear()
         self.runs.clear()
 
@@ -146,6 +150,20 @@ class JudgePool:
     def counts(self) -> dict:
         placed = self.placed()
         return {"alive": sum(placed.values()), "pending": sum(not v for v in placed.values())}
+
+
+def placement_group_of(options: dict):
+    """The placement group an actor was scheduled into (tensor-parallel vLLM engines), if any."""
+    strategy = options.get("scheduling_strategy")
+    return getattr(strategy, "placement_group", None)
+
+
+def release_group(pg) -> None:
+    """Give a retired actor's GPUs back: a placement group outlives its actor otherwise."""
+    if pg is not None:
+        from ray.util import remove_placement_group
+
+        remove_placement_group(pg)
 
 
 def _index(name: str) -> int:

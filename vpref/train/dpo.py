@@ -85,7 +85,7 @@ def score_pairs(vlm, rows: list[dict], data: DataConfig, batch_size: int) -> lis
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
-            lp, n = logps_and_counts(vlm.model, pair_batch(vlm, clips, chunk))
+            lp, n = logps_and_counts(vlm.model, pair_batch(vlm, clips, chunk).to(vlm.device))
             b = len(chunk)
             out += [(r["pair_id"], lp[k].item(), lp[b + k].item(), n[k].item(), n[b + k].item())
                     for k, r in enumerate(chunk)]
@@ -99,6 +99,8 @@ def _reference_shard(ref_path: str, rows: list[dict], data: dict, batch_size: in
 
     quiet_libraries()
     model, tok, pre, kind = _load_parts(ref_path)
+    if torch.cuda.is_available():  # the task asked for a GPU (dpo.use_gpu)
+        model.to("cuda")
     return score_pairs(VideoLM(model, tok, pre, ref_path, kind), rows, DataConfig.model_validate(data), batch_size)
 
 
@@ -359,7 +361,7 @@ def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | P
               "pairs": str(Path(pairs).resolve()), "progress_dir": str(progress), "seed": seed}
     if dpo.num_workers == 0:  # in this process: debugging, and the floor of the speed benchmark
         raise ValueError("dpo.num_workers=0 is not supported by train_dpo; use >= 1 worker")
-    resources = {"CPU": dpo.cpus_per_worker, **({"GPU": 1} if dpo.use_gpu else {})}
+    resources = {"CPU": dpo.cpus_per_worker, **({"GPU": dpo.gpus_per_worker} if dpo.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=config,
