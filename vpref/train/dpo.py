@@ -75,6 +75,18 @@ def logps_and_counts(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return sequence_logps(model, batch), batch.response_mask[:, 1:].sum(-1).to(torch.float32)
 
 
+def pair_loss(model, batch, rows: list[dict], cfg: DPOConfig):
+    """The DPO step's forward: log-probs of a `pair_batch` (chosen, then rejected) against the
+    rows' stored reference log-probs -> DPOOutput (backpropagate `.loss`)."""
+    from vpref.train.losses import dpo_loss
+
+    b = len(rows)
+    lp, n = logps_and_counts(model, batch)
+    ref = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in rows], device=lp.device)
+    return dpo_loss(lp[:b], lp[b:], ref[:, 0], ref[:, 1], cfg.loss, cfg.beta, cfg.label_smoothing, n[:b], n[b:],
+                    cfg.nll_coef)
+
+
 # --------------------------------------------------------------------------- reference log-probs
 
 
@@ -168,7 +180,6 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from vpref.models.video_lm import VideoLM
-    from vpref.train.losses import dpo_loss
     from vpref.utils import quiet_libraries
 
     quiet_libraries()
@@ -254,12 +265,7 @@ def train_loop(config: dict) -> None:
         t0 = time.perf_counter()
         logs = []
         for rows_mb in micro_batches(step):
-            batch = pair_batch(vlm, clips, rows_mb).to(model_device)
-            b = len(rows_mb)
-            lp, n = logps_and_counts(forward_model, batch)
-            ref = torch.tensor([[r["ref_chosen_logp"], r["ref_rejected_logp"]] for r in rows_mb], device=lp.device)
-            out = dpo_loss(lp[:b], lp[b:], ref[:, 0], ref[:, 1], cfg.loss, cfg.beta, cfg.label_smoothing,
-                           n[:b], n[b:], cfg.nll_coef)
+            out = pair_loss(forward_model, pair_batch(vlm, clips, rows_mb).to(model_device), rows_mb, cfg)
             if cfg.strategy == "deepspeed":
                 engine.backward(out.loss)
                 engine.step()
@@ -272,7 +278,7 @@ def train_loop(config: dict) -> None:
             opt.zero_grad(set_to_none=True)
         m = {k: float(np.mean([x[k] for x in logs])) for k in logs[0]}
         if distributed:  # the logged numbers are the mean over workers
-            vec = torch.tensor(list(m.values()), dtype=torch.float64, device=lp.device)
+            vec = torch.tensor(list(m.values()), dtype=torch.float64, device=model_device)
             dist.all_reduce(vec)
             m = dict(zip(m, (vec / world).tolist()))
         m.update(step=step + 1, epoch=step // steps_per_epoch, lr=opt.param_groups[0]["lr"],
