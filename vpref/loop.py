@@ -256,7 +256,9 @@ def collect_metrics(cfg: Config, state: RunState) -> dict:
              "mean_length": ev["metrics"]["length"]["words"]}
         if t > 0:
             data, dpo, expo = state.get(t, "data"), state.get(t, "dpo"), state.get(t, "expo")
+            last = [m for m in dpo["curve"] if m["epoch"] == dpo["curve"][-1]["epoch"]]
             r.update(pairs=data["pairs"], dpo=dpo["final"], dpo_curve=dpo["curve"], dpo_restarts=dpo["restarts"],
+                     dpo_accuracy=float(np.mean([m["rewards/accuracy"] for m in last])),
                      alpha=expo["alpha"], alpha_scores=expo.get("alpha_scores"),
                      seconds={s: state.get(t, s)["seconds"] for s in ("data", "reference", "dpo", "expo", "eval")})
         rounds.append(r)

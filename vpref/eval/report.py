@@ -14,12 +14,13 @@ def _row(r: dict) -> str:
     return (f"| {r['round']} | {acc.get('qa', 0):.3f} | {acc.get('describe', 0):.3f} | {acc.get('all', 0):.3f} | "
             f"{j['overall'] if j['overall'] is None else format(j['overall'], '.3f')} | "
             f"{r['eval']['length']['words']:.1f} | {r.get('pairs', '-')} | "
-            f"{'-' if alpha is None else alpha} | {r.get('dpo', {}).get('rewards/accuracy', '-') if r.get('dpo') else '-'} |")
+            f"{'-' if alpha is None else alpha} | "
+            f"{'-' if r.get('dpo_accuracy') is None else format(r['dpo_accuracy'], '.2f')} |")
 
 
 def table(rounds: list[dict]) -> str:
     head = ("| round | QA accuracy | describe exact | all accuracy | judge score | mean words | pairs | alpha "
-            "| DPO pref. accuracy |\n|---|---|---|---|---|---|---|---|---|")
+            "| DPO pref. acc. (last epoch) |\n|---|---|---|---|---|---|---|---|---|")
     return "\n".join([head] + [_row(r) for r in rounds])
 
 
