@@ -8,7 +8,10 @@ Needs the demo's world and SFT checkpoints (`vpref synth && vpref sft configs/de
 
 * streaming: wall time of a whole build (decode -> generate -> queue -> judge -> pairs) against
   the slowest stage run alone on the same work with the same actors; ratio = slowest / build
-  (1.0 = the pipeline costs nothing beyond its slowest stage; the goal is >= 0.9).
+  (1.0 = the pipeline costs nothing beyond its slowest stage; the goal is >= 0.9).  Also recorded:
+  the build against all stages run one after the other (serial_ratio; > 1 means the overlap pays),
+  and when the first response and the last judgment land.  On a machine whose few cores every
+  stage shares, the writer's, judge's and decoders' CPU time adds to the generators' wall time.
 * judge scaling: a latency-bound judge -- the case of API judges -- is an OpenAI-compatible
   endpoint on loopback that answers each request after `--latency` seconds (its answer is the
   reference judge's scores written in the rubric's format, so parsing and scoring are real); each
@@ -37,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from vpref.actors.judge import judge_items, response_item  # noqa: E402
 from vpref.actors.pool import JudgePool  # noqa: E402
+from vpref.actors.queue import BatchQueue  # noqa: E402
 from vpref.actors.writer import PairWriter, write_plan  # noqa: E402
 from vpref.build import DataEngine  # noqa: E402
 from vpref.config import load_config  # noqa: E402
@@ -98,16 +102,22 @@ def streaming(engine: DataEngine, cfg, samples, tmp: Path, repeats: int) -> dict
 
         t_judge, _ = _timed(judge_all)
         slowest = max(("decode", t_decode), ("generate", t_gen), ("judge", t_judge), key=lambda x: x[1])
+        # where the build's extra time goes: before its first response, after its last judgment
+        first = next((t for t, r, *_ in res.timeline if r > 0), None)
+        last = next((t for t, _, j, *_ in res.timeline if j >= res.status["judged"]), None)
         runs.append({"build_s": t_build, "decode_s": t_decode, "generate_s": t_gen, "judge_s": t_judge,
-                     "slowest_stage": slowest[0], "ratio": slowest[1] / t_build, "responses": len(responses),
+                     "slowest_stage": slowest[0], "ratio": slowest[1] / t_build,
+                     "serial_ratio": (t_decode + t_gen + t_judge) / t_build,
+                     "first_response_s": first, "last_judgment_s": last, "responses": len(responses),
                      "decodes": res.decodes})
         print(f"streaming run {k}: build {t_build:.2f}s, decode {t_decode:.2f}s, generate {t_gen:.2f}s, "
-              f"judge {t_judge:.2f}s -> ratio {slowest[1] / t_build:.3f}", flush=True)
+              f"judge {t_judge:.2f}s -> ratio {slowest[1] / t_build:.3f} (first response at {first}s)", flush=True)
     return {
         "questions": len(samples), "responses": runs[0]["responses"], "runs": runs,
         "median_build_s": statistics.median(r["build_s"] for r in runs),
         "median_slowest_stage_s": statistics.median(max(r["decode_s"], r["generate_s"], r["judge_s"]) for r in runs),
         "median_ratio": statistics.median(r["ratio"] for r in runs),
+        "median_serial_ratio": statistics.median(r["serial_ratio"] for r in runs),
         "goal": ">= 0.9",
     }
 
@@ -118,16 +128,20 @@ def streaming(engine: DataEngine, cfg, samples, tmp: Path, repeats: int) -> dict
 _FIELD = re.compile(r"^(Video description|Reference answer|Question|Answer to judge): (.*)$", re.M)
 
 
-def _api_server(latency: float):
-    """A loopback OpenAI-compatible endpoint with a fixed service latency per request."""
+def _api_server(latency: float, families: dict[str, str]):
+    """A loopback OpenAI-compatible endpoint with a fixed service latency per request.
+
+    `families` maps question text to question family: the prompt does not carry it, and the
+    reference judge scores the asked value by family."""
     ref = ReferenceJudge()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             fields = dict(_FIELD.findall(body["messages"][0]["content"]))
-            view = SampleView("s", fields.get("Question", ""), fields.get("Reference answer"),
-                              fields.get("Video description"), None)
+            question = fields.get("Question", "")
+            view = SampleView("s", question, fields.get("Reference answer"), fields.get("Video description"),
+                              families.get(question))
             a = ref.aspects(view, fields.get("Answer to judge", ""))
             text = (f"Relevance: {a['detail']}\nAccuracy: {a['correctness']}\nClarity: {a['concision']}\n"
                     "Rationale: checked against the description.")
@@ -149,9 +163,7 @@ def _api_server(latency: float):
 
 
 def judge_scaling(base_cfg, samples, build_dir: Path, tmp: Path, latency: float, counts, n_items: int) -> dict:
-    from ray.util.queue import Queue
-
-    server = _api_server(latency)
+    server = _api_server(latency, {s.question: s.family for s in samples})
     api = f"http://127.0.0.1:{server.server_address[1]}/v1"
     by_id = {s.id: s for s in samples}
     responses = read_records(build_dir, "responses")[:n_items]
@@ -171,19 +183,19 @@ def judge_scaling(base_cfg, samples, build_dir: Path, tmp: Path, latency: float,
                        "judge": "llm:api-judge"})
         pool = JudgePool(cfg.judge, cfg.ray.namespace)
         ray.get([a.ready.remote() for a in pool.actors.values()])
-        queue, pair_queue = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
-        writer = ray.remote(PairWriter).options(num_cpus=0).remote(str(d), cfg.pairs.model_dump(), pair_queue)
+        queue = BatchQueue(actor_options={"num_cpus": 0})
+        writer = ray.remote(PairWriter).options(num_cpus=0).remote(str(d), cfg.pairs.model_dump(), None)
         items = [_item(r, by_id[r.sample_id]) for r in responses]
         queue.put_nowait_batch(items)
         t0 = time.perf_counter()
-        pool.attach(queue, pair_queue, writer)
+        pool.attach(queue, None, writer)
         while ray.get(writer.status.remote())["judged"] < len(items):
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
         st = ray.get(writer.status.remote())
         pool.detach()
         pool.shutdown()
-        for a in (writer, queue.actor, pair_queue.actor):
+        for a in (writer, queue.actor):
             ray.kill(a)
         out["judges"][n] = {"seconds": elapsed, "items_per_s": len(items) / elapsed, "judge_failures": st["judge_failures"]}
         print(f"judges {n}: {len(items) / elapsed:.1f} items/s ({st['judge_failures']} failures)", flush=True)
@@ -218,7 +230,7 @@ def decodes_per_video(base_overrides, samples, tmp: Path) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_engine.json"))
-    ap.add_argument("--questions", type=int, default=480, help="questions per streaming build")
+    ap.add_argument("--questions", type=int, default=960, help="questions per streaming build")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latency", type=float, default=0.05, help="API judge service latency per request (s)")
     ap.add_argument("--judge-items", type=int, default=480)

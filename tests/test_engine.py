@@ -103,7 +103,7 @@ def test_killing_a_judge_a_generator_and_the_writer_mid_run_loses_and_duplicates
         deadline = time.time() + 240
         while time.time() < deadline and len(killed) < 3:
             try:
-                writer = ray.get_actor("writer-r2", namespace=ns)
+                writer = ray.get_actor("writer", namespace=ns)
                 st = ray.get(writer.status.remote(), timeout=20)
             except Exception:
                 time.sleep(0.05)
@@ -137,7 +137,8 @@ def test_actors_are_named_by_role(engine):
     named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
     ns = engine.cfg.ray.namespace
     assert ns == "vpref-demo"  # one namespace per run name: two runs on one cluster never clash
-    assert {(ns, "gen-policy-0"), (ns, "gen-other-0"), (ns, "judge-0"), (ns, "decoder-0")} <= named
+    assert {(ns, "gen-policy-0"), (ns, "gen-other-0"), (ns, "judge-0"), (ns, "decoder-0"),
+            (ns, "writer"), (ns, "queue")} <= named
 
 
 def test_in_place_reload_keeps_the_process_changes_the_answers_and_bumps_the_version(engine, samples, sft_zoo):
@@ -159,3 +160,26 @@ def test_in_place_reload_keeps_the_process_changes_the_answers_and_bumps_the_ver
     assert said_after != said_before
     engine.reload_policy(sft_zoo / "policy", version=0)
     assert answers() == said_before  # and back: the weights are exactly the checkpoint's
+
+
+def test_batch_queue_moves_batches_in_one_call_and_pushes_back_when_full(ray_local):
+    """get_batch takes what is there (never more than asked), put_batch waits for room."""
+    from ray.util.queue import Full
+
+    from vpref.actors.queue import BatchQueue
+
+    q = BatchQueue(maxsize=4, actor_options={"num_cpus": 0})
+    assert q.get_batch(8, timeout=0) == [] and q.get_batch(8, timeout=0.05) == []
+    q.put_batch([1, 2, 3])
+    assert q.get_batch(2, timeout=0) == [1, 2] and q.get_batch(8) == [3]
+    q.put_batch([4, 5, 6, 7])
+    with pytest.raises(Full):
+        q.put_batch([8], timeout=0.1)  # full: the producer is held back
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (q.put_batch([8, 9]), done.set()))
+    t.start()
+    assert not done.wait(0.3) and q.size() == 4  # still blocked, the bound holds
+    taken = q.get_batch(3, timeout=0)
+    t.join(timeout=10)
+    assert done.is_set() and taken == [4, 5, 6]
+    assert q.get_batch(8, timeout=0) == [7, 8, 9]

@@ -45,6 +45,15 @@ def test_reference_judge_scores_descriptions_by_recall_and_precision():
     assert wrong.scores["correctness"] < 5 and wrong.scores["faithfulness"] < 5
 
 
+def test_reference_judge_scores_rows_without_a_question_family():
+    """A manifest from outside the synthetic world has answers and captions but no family."""
+    open_q = SampleView("s3", "What colour is the circle?", "The circle is red.", CAPTION, None)
+    faithful = _score(open_q, "The circle is red.")
+    unfaithful = _score(open_q, "The circle is green and the triangle moves up.")
+    assert faithful.overall > unfaithful.overall
+    assert unfaithful.scores["faithfulness"] < faithful.scores["faithfulness"]
+
+
 def test_reference_judge_is_deterministic_and_versioned():
     a = ReferenceJudge().score(COLOUR_Q, [ResponseView("r1", "The circle is blue.")])
     b = ReferenceJudge().score(COLOUR_Q, [ResponseView("r1", "The circle is blue.")])

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.util.queue import Queue
 
 from vpref.actors.decode import DecoderPool
 from vpref.actors.generator import GeneratorActor, WorkBatch, WorkItem
 from vpref.actors.metrics import driver_metrics
+from vpref.actors.queue import BatchQueue
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
@@ -97,6 +97,14 @@ class DataEngine:
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
         self.decoders = DecoderPool(cfg.data, cfg.data.decoders, ns)
+        # Queues and writer live as long as the engine (a build does not wait for processes to start).
+        opts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1, "namespace": ns}
+        self.queue = BatchQueue(maxsize=cfg.build.queue_size, actor_options={**opts, "name": "queue"})
+        # pair jobs (both-order comparisons) exist only with the pairwise check
+        self.pair_queue = (BatchQueue(actor_options={**opts, "name": "pair-queue"})
+                           if cfg.judge.pairwise_check else None)
+        self.writer = RemoteWriter.options(name="writer", **opts).remote(
+            pair_queue=self.pair_queue, state_file=str(self.state_dir / "actors" / "writer.json"))
         self.metrics = driver_metrics()
 
     # ------------------------------------------------------------------ actors
@@ -146,6 +154,9 @@ class DataEngine:
     def shutdown(self) -> None:
         self.pool.shutdown()
         self.decoders.shutdown()
+        for a in (self.writer, self.queue.actor, self.pair_queue and self.pair_queue.actor):
+            if a is not None:
+                ray.kill(a, no_restart=True)
         for reps in self.generators.values():
             for a in reps:
                 ray.kill(a, no_restart=True)
@@ -179,14 +190,12 @@ class DataEngine:
             {"round": round_, "policy_version": policy_version, "judge": judge, "rubric": rubric_version,
              "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples)},
             indent=2))
-        ns = cfg.ray.namespace
-        qopts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1, "namespace": ns}
-        queue = Queue(maxsize=cfg.build.queue_size, actor_options={**qopts, "name": f"queue-r{round_}"})
-        pair_queue = Queue(actor_options={**qopts, "name": f"pair-queue-r{round_}"})
+        queue, pair_queue, writer = self.queue, self.pair_queue, self.writer
+        for q in (queue, pair_queue):  # leftovers of an earlier build (re-enqueued duplicates)
+            while q is not None and q.get_batch(1024, timeout=0):
+                pass
         write_plan(out, plan)
-        writer = RemoteWriter.options(name=f"writer-r{round_}", namespace=ns, num_cpus=0, max_restarts=-1,
-                                      max_task_retries=-1).remote(str(out), cfg.pairs.model_dump(), pair_queue)
-        done_ids = set(ray.get(writer.done_response_ids.remote()))
+        done_ids = set(ray.get(writer.open.remote(str(out), cfg.pairs.model_dump())))  # what is on disk
 
         # Work: batches of each member in sample order; a batch whose responses are all on disk is done.
         todo: dict[str, deque] = {}
@@ -201,8 +210,6 @@ class DataEngine:
         n_batches = sum(len(q) for q in todo.values())
 
         self.pool.attach(queue, pair_queue, writer)
-        for item in ray.get(writer.missing.remote()):  # persisted earlier, never judged
-            queue.put(item)
 
         clip_refs: dict[str, ray.ObjectRef] = {}
         failed_videos: dict[str, str] = {}
@@ -291,6 +298,9 @@ class DataEngine:
                             clip_refs.pop(s.video, None)
                     progressed = True
 
+        dispatch()  # generation starts first; the writer may still be starting
+        for item in ray.get(writer.missing.remote()):  # persisted earlier, never judged
+            queue.put(item)
         while True:
             dispatch()
             refs = list(in_flight)
@@ -321,7 +331,8 @@ class DataEngine:
                 break
             # Everything generated, nothing queued, no judge busy, still incomplete: results were
             # lost (a judge or the queue died mid-batch).  Re-enqueue what is missing.
-            quiet = not generating and depth == 0 and pair_queue.size() == 0 and not any(s["busy"] for s in stats)
+            quiet = (not generating and depth == 0 and not (pair_queue and pair_queue.size())
+                     and not any(s["busy"] for s in stats))
             idle_checks = idle_checks + 1 if quiet else 0
             if idle_checks >= 3:
                 idle_checks = 0
@@ -337,8 +348,6 @@ class DataEngine:
         n_rej = append_rejects(out / "rejects.jsonl", rejects)
         elapsed = time.perf_counter() - t0
         self._progress(status, 0, self.pool.counts(), elapsed)
-        for a in (writer, queue.actor, pair_queue.actor):
-            ray.kill(a, no_restart=True)
         return BuildResult(str(out), status, decodes, elapsed, n_rej, list(self.pool.events), timeline)
 
     # ------------------------------------------------------------------ helpers

@@ -43,21 +43,6 @@ class WorkBatch:
     items: list[WorkItem] = field(default_factory=list)
 
 
-def put_all(queue, items: list) -> None:
-    """Put items on the bounded queue: in one call while there is room, else one at a time,
-    each put blocking while the queue is full (the backpressure that slows the generators)."""
-    from ray.util.queue import Full
-
-    if queue.maxsize <= 0 or queue.size() + len(items) <= queue.maxsize:
-        try:
-            queue.put_nowait_batch(items)
-            return
-        except Full:  # another generator filled the gap first
-            pass
-    for item in items:
-        queue.put(item)
-
-
 class GeneratorActor:
     def __init__(self, member: dict, actor_name: str, state_file: str | None = None):
         from vpref.utils import quiet_libraries
@@ -149,7 +134,7 @@ class GeneratorActor:
                 items.append(response_item(r.response_id, r.text, it.sample_id, it.question, it.answer,
                                            it.caption, it.family))
         ray.get(writer.add_responses.remote(responses))  # durable before it is judged
-        put_all(queue, items)
+        queue.put_batch(items)  # blocks while the queue is full: the backpressure on generators
         self.metrics["responses"].inc(len(responses), tags={"model": self.member.name})
         return {"batch": batch.index, "member": batch.member, "responses": len(responses),
                 "seconds": time.perf_counter() - t0}

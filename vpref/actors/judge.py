@@ -11,7 +11,6 @@ import time
 from collections import defaultdict
 
 import ray
-from ray.util.queue import Empty
 
 from vpref.config import JudgeConfig
 from vpref.data.schema import Judgment, Verdict, judgment_id
@@ -128,31 +127,14 @@ class JudgeActor:
         return judge_items(self.judge, items)[0]
 
     def _take(self, queue, pair_queue, batch_size: int, poll_s: float) -> list[dict]:
-        items = []
-        if pair_queue is not None:  # finishing pairs first lets their samples complete sooner
-            while len(items) < batch_size:
-                try:
-                    items.append(pair_queue.get_nowait())
-                except Empty:
-                    break
+        """One batch: pair jobs first (finishing pairs lets their questions complete sooner), then
+        responses, waiting up to `poll_s` only when there is nothing else to do."""
+        items = pair_queue.get_batch(batch_size, timeout=0) if pair_queue is not None else []
         if len(items) < batch_size:
-            try:
-                items.append(queue.get(block=not items, timeout=poll_s if not items else None))
-            except Empty:
-                return items
-            want = min(batch_size - len(items), queue.size())
-            if want > 0:
-                try:
-                    items += queue.get_nowait_batch(want)
-                except Empty:  # another judge took them first: take what is left one by one
-                    while len(items) < batch_size:
-                        try:
-                            items.append(queue.get_nowait())
-                        except Empty:
-                            break
+            items += queue.get_batch(batch_size - len(items), timeout=0 if items else poll_s)
         return items
 
-    def run(self, queue, pair_queue, writer, batch_size: int, poll_s: float = 0.5) -> int:
+    def run(self, queue, pair_queue, writer, batch_size: int, poll_s: float = 0.1) -> int:
         """Pull -> judge -> write until `stop` is called.  Returns how many items it judged."""
         self._stop.clear()
         n = 0

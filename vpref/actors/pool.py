@@ -33,9 +33,11 @@ def judge_actor_options(cfg: JudgeConfig, name: str, namespace: str | None) -> d
 
 
 class JudgePool:
-    def __init__(self, cfg: JudgeConfig, namespace: str | None = None, poll_s: float = 0.5):
+    def __init__(self, cfg: JudgeConfig, namespace: str | None = None, poll_s: float = 0.1):
         self.cfg = cfg
         self.namespace = namespace
+        # how long an idle judge waits on the queue per call: short, so that the end of a build
+        # (detach) does not wait for judges blocked on an empty queue
         self.poll_s = poll_s
         self.actors: dict[str, ray.actor.ActorHandle] = {}
         self.ready_refs: dict[str, ray.ObjectRef] = {}

@@ -38,15 +38,40 @@ def write_plan(out_dir: str | Path, plan: dict) -> None:
 
 
 class PairWriter:
-    def __init__(self, out_dir: str, pairs_cfg: dict, pair_queue=None):
-        """Reads the build's plan from `out_dir/plan.json` (see `write_plan`), so a restarted
-        writer needs nothing but its folder."""
+    def __init__(self, out_dir: str | None = None, pairs_cfg: dict | None = None, pair_queue=None,
+                 state_file: str | None = None):
+        """One writer serves the builds of a data engine, one at a time (`open`), so no build waits
+        for a writer process to start.  `state_file` records the open build: a restarted writer
+        reopens it and rebuilds its state from the build's folder (its plan and shards)."""
+        self.pair_queue = pair_queue
+        self.state_file = Path(state_file) if state_file else None
+        self.out = None
+        from vpref.actors.metrics import writer_metrics
+
+        self.metrics = writer_metrics()
+        st = json.loads(self.state_file.read_text()) if self.state_file and self.state_file.is_file() else None
+        if st and (Path(st["out_dir"]) / PLAN).is_file():  # a restart mid-build (a deleted build: nothing to reopen)
+            self._load(st["out_dir"], st["pairs"])
+        elif out_dir is not None:
+            self.open(out_dir, pairs_cfg or {})
+
+    def open(self, out_dir: str, pairs_cfg: dict) -> list[str]:
+        """Serve the build in `out_dir` (its plan.json written first, see `write_plan`); returns
+        the ids of the responses already on disk."""
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"out_dir": str(out_dir), "pairs": pairs_cfg}))
+            os.replace(tmp, self.state_file)
+        self._load(out_dir, pairs_cfg)
+        return list(self.responses)
+
+    def _load(self, out_dir: str, pairs_cfg: dict) -> None:
         self.out = Path(out_dir)
         self.plan = plan = json.loads((self.out / PLAN).read_text())
         self.samples: dict = plan["samples"]
         self.expected: dict[str, list[str]] = plan["expected"]
         self.cfg = PairsConfig.model_validate(pairs_cfg)
-        self.pair_queue = pair_queue
         self.judge = plan["judge"]
         self.responses: dict[str, Response] = {r.response_id: r for r in read_records(self.out, "responses")}
         self.judgments: dict[str, Judgment] = {
@@ -58,11 +83,11 @@ class PairWriter:
         self.dropped: dict[str, str] = {}
         self.requested: set[str] = set()
         self.counts = Counter()
-        from vpref.actors.metrics import writer_metrics
-
-        self.metrics = writer_metrics()
         for sid in self.expected:  # a restart (or a resumed build) finishes what it can at once
             self._maybe_finish(sid)
+
+    def __getattr__(self, name):  # only reached for build state before the first `open`
+        raise AttributeError(f"the pair writer has no open build (no {name!r} yet): call open(out_dir, pairs_cfg) first")
 
     def __repr__(self):
         return "pair-writer"
@@ -195,9 +220,6 @@ class PairWriter:
             "complete": len(self.finished) == len(expected),
             **self.counts,
         }
-
-    def done_response_ids(self) -> list[str]:
-        return list(self.responses)
 
     def missing(self) -> list[dict]:
         """Recover work whose result never came back (a lost queue item, a judge that died with a

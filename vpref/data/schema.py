@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -180,9 +180,11 @@ RECORDS = {"responses": Response, "judgments": Judgment, "verdicts": Verdict, "p
 
 
 def _row(record) -> dict:
-    row = asdict(record)
+    # Fields are flat (scalars and str->scalar dicts), so no deep copy (asdict) is needed; Arrow
+    # maps are lists of (key, value) pairs.
+    row = {f.name: getattr(record, f.name) for f in fields(record)}
     for k, v in row.items():
-        if isinstance(v, dict):  # Arrow maps are lists of (key, value) pairs
+        if isinstance(v, dict):
             row[k] = list(v.items())
     return row
 

@@ -63,8 +63,9 @@ class ReferenceJudge:
             f1 = 2 * hit / (len(claimed) + len(truth)) if claimed and truth else 0.0
             correctness = _scale(f1) if claimed else 1
 
-        # detail: coverage of the caption's facts relevant to the question
-        if family == "describe" or not ref:
+        # detail: coverage of the caption's facts relevant to the question (a row without a family
+        # -- a manifest that is not the synthetic world's -- is judged as open-ended)
+        if family in (None, "describe") or not ref:
             detail = _scale(len(claimed & truth) / len(truth)) if truth else 3
         else:
             subject = {x for x in words(ref) if x in COLOURS or x in SHAPES}
