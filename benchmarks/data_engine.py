@@ -12,6 +12,10 @@ Needs the demo's world and SFT checkpoints (`vpref synth && vpref sft configs/de
   the build against all stages run one after the other (serial_ratio; > 1 means the overlap pays),
   and when the first response and the last judgment land.  On a machine whose few cores every
   stage shares, the writer's, judge's and decoders' CPU time adds to the generators' wall time.
+  Two zoos: the demo's three generators, which with everything else share the machine's cores;
+  and its policy alone, which holds one core and leaves the rest of the pipeline the other(s) --
+  closer to a cluster, where generators, judges and the writer do not share devices.  The build
+  also persists every batch before acknowledging it; `persist_s` is that writer work alone.
 * judge scaling: a latency-bound judge -- the case of API judges -- is an OpenAI-compatible
   endpoint on loopback that answers each request after `--latency` seconds (its answer is the
   reference judge's scores written in the rubric's format, so parsing and scoring are real); each
@@ -64,12 +68,33 @@ def _timed(fn):
 # --------------------------------------------------------------------------- streaming
 
 
+def persist_alone(build_dir: Path, out: Path, cfg, members) -> float:
+    """The writer's work alone, in this process: the build's responses in its generation batches,
+    its judgments in judge batches, one Parquet shard per call, then the compaction."""
+    out.mkdir(parents=True)
+    write_plan(out, json.loads((build_dir / "plan.json").read_text()))
+    responses = read_records(build_dir, "responses")
+    judgments = read_records(build_dir, "judgments")
+    per_batch = max(m.batch_size * m.sampling.n for m in members)
+    bs = cfg.judge.pool.batch_size
+    t0 = time.perf_counter()
+    w = PairWriter(str(out), cfg.pairs.model_dump())
+    for i in range(0, len(responses), per_batch):
+        w.add_responses(responses[i:i + per_batch])
+    for i in range(0, len(judgments), bs):
+        w.add_judgments(judgments[i:i + bs])
+    w.finalize()
+    return time.perf_counter() - t0
+
+
 def streaming(engine: DataEngine, cfg, samples, tmp: Path, repeats: int) -> dict:
     members = engine.members
     runs = []
     for k in range(repeats):
-        t_build, res = _timed(lambda: engine.build(samples, tmp / f"build{k}", round_=100 + k))
-        responses = read_records(tmp / f"build{k}", "responses")
+        build_dir = tmp / f"build{k}"
+        t_build, res = _timed(lambda: engine.build(samples, build_dir, round_=100 + k))
+        responses = read_records(build_dir, "responses")
+        t_persist = persist_alone(build_dir, tmp / f"persist{k}", cfg, members)
         # Decode alone: every video once, on the same decoder actors.
         videos = sorted({s.video for s in samples})
         t_decode, refs = _timed(lambda: ray.get([engine.decoders.submit(v) for v in videos]) and None)
@@ -106,13 +131,14 @@ def streaming(engine: DataEngine, cfg, samples, tmp: Path, repeats: int) -> dict
         first = next((t for t, r, *_ in res.timeline if r > 0), None)
         last = next((t for t, _, j, *_ in res.timeline if j >= res.status["judged"]), None)
         runs.append({"build_s": t_build, "decode_s": t_decode, "generate_s": t_gen, "judge_s": t_judge,
-                     "slowest_stage": slowest[0], "ratio": slowest[1] / t_build,
-                     "serial_ratio": (t_decode + t_gen + t_judge) / t_build,
+                     "persist_s": t_persist, "slowest_stage": slowest[0], "ratio": slowest[1] / t_build,
+                     "serial_ratio": (t_decode + t_gen + t_judge + t_persist) / t_build,
                      "first_response_s": first, "last_judgment_s": last, "responses": len(responses),
                      "decodes": res.decodes})
         print(f"streaming run {k}: build {t_build:.2f}s, decode {t_decode:.2f}s, generate {t_gen:.2f}s, "
-              f"judge {t_judge:.2f}s -> ratio {slowest[1] / t_build:.3f} (first response at {first}s)", flush=True)
+              f"judge {t_judge:.2f}s, persist {t_persist:.2f}s -> ratio {slowest[1] / t_build:.3f} (first response at {first}s)", flush=True)
     return {
+        "zoo": [f"{m.name} (n={m.sampling.n})" for m in members],
         "questions": len(samples), "responses": runs[0]["responses"], "runs": runs,
         "median_build_s": statistics.median(r["build_s"] for r in runs),
         "median_slowest_stage_s": statistics.median(max(r["decode_s"], r["generate_s"], r["judge_s"]) for r in runs),
@@ -247,18 +273,26 @@ def main() -> int:
     ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False,
              namespace=cfg.ray.namespace)
     tmp = Path(tempfile.mkdtemp(prefix="vpref-bench-"))
-    engine = DataEngine(cfg, tmp / "state")
-    engine.wait_ready()
-    engine.build(samples[:64], tmp / "warmup", round_=99)  # load, compile, warm caches
-    result = {"machine": {"cpus": __import__("os").cpu_count()}, "config": "demo defaults"}
-    result["streaming"] = streaming(engine, cfg, samples, tmp, args.repeats)
-    engine.shutdown()
-    result["judge_scaling"] = judge_scaling(cfg, samples, tmp / "build0", tmp, args.latency,
+    result = {"machine": {"cpus": __import__("os").cpu_count()}, "config": "demo defaults",
+              "command": "python benchmarks/data_engine.py " + " ".join(sys.argv[1:])}
+    # The demo zoo: three single-threaded generators share the machine's cores with every other
+    # stage.  One generator: generation holds one core and the rest of the pipeline has the
+    # other(s), as on a cluster where generators, judges and the writer sit on different devices --
+    # what remains is the pipeline's own cost.
+    for scenario, zoo in (("streaming", cfg.zoo), ("streaming_one_generator", cfg.zoo[:1])):
+        scfg = cfg.model_copy(update={"zoo": zoo})
+        engine = DataEngine(scfg, tmp / f"state-{scenario}")
+        engine.wait_ready()
+        engine.build(samples[:64], tmp / f"warmup-{scenario}", round_=99)  # load, compile, warm caches
+        result[scenario] = streaming(engine, scfg, samples, tmp / scenario, args.repeats)
+        engine.shutdown()
+    result["judge_scaling"] = judge_scaling(cfg, samples, tmp / "streaming" / "build0", tmp, args.latency,
                                             [int(x) for x in args.judges.split(",")], args.judge_items)
     result["decodes_per_video"] = decodes_per_video(overrides, samples[:120], tmp)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({"streaming_ratio": result["streaming"]["median_ratio"],
+                      "streaming_ratio_one_generator": result["streaming_one_generator"]["median_ratio"],
                       "judge_efficiency": {n: round(r["efficiency"], 3) for n, r in result["judge_scaling"]["judges"].items()},
                       "decodes_per_video": {k: v["decodes_per_video"] for k, v in result["decodes_per_video"].items()}},
                      indent=2))

@@ -72,3 +72,13 @@ def test_every_shipped_config_and_recipe_is_valid():
         cfg = load_config(f)
         assert cfg.policy_member is not None, f
         assert cfg.ray.namespace == f"vpref-{cfg.run.name}"
+
+
+def test_namespace_follows_run_name_overrides_unless_set_explicitly():
+    """Two runs on one cluster told apart by `--set run.name=...` must not share actor names."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert load_config(demo, ["run.name=other"]).ray.namespace == "vpref-other"
+    assert load_config(None, ["run.name=a", "dpo.beta=0.2"]).ray.namespace == "vpref-a"
+    assert load_config(None, ["ray.namespace=mine", "run.name=b"]).ray.namespace == "mine"

@@ -133,6 +133,30 @@ def test_killing_a_judge_a_generator_and_the_writer_mid_run_loses_and_duplicates
         assert raw.num_rows == len(set(raw.column(key).to_pylist())) == read_table(tmp_path / "clean", table).num_rows
 
 
+def test_pairwise_check_judges_each_pair_in_both_orders_through_the_pair_queue(engine, samples, world, sft_zoo,
+                                                                               tmp_path):
+    """With the pairwise check, every candidate pair goes back to a judge in both orders (via the
+    pair queue) and is kept only when both orders agree with the pointwise choice."""
+    few = samples[:16]
+    plain = engine.build(few, tmp_path / "plain", round_=5)
+    checked_engine = DataEngine(engine_config(world, sft_zoo, tmp_path, "judge.pairwise_check=true",
+                                              "run.name=pairwise"),  # its own namespace: names do not clash
+                                tmp_path / "state")
+    try:
+        checked = checked_engine.build(few, tmp_path / "checked", round_=5)
+    finally:
+        checked_engine.shutdown()
+    st = checked.status
+    assert st["complete"] and st["verdicts"] >= st["pairs"] > 0 and st["verdicts_failed"] == 0
+    verdicts = {v.verdict_id: v for v in read_records(tmp_path / "checked", "verdicts")}
+    for p in read_records(tmp_path / "checked", "pairs"):
+        v = verdicts[p.pair_id]
+        assert p.pairwise == "consistent" and v.ok and v.consistent and v.preferred == p.chosen_response_id
+        assert {v.first_id, v.second_id} == {p.chosen_response_id, p.rejected_response_id}
+    # the reference judge is consistent unless tied, and the margin already drops ties
+    assert _pair_set(tmp_path / "checked") == _pair_set(tmp_path / "plain") and plain.status["pairs"] == st["pairs"]
+
+
 def test_actors_are_named_by_role(engine):
     named = {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
     ns = engine.cfg.ray.namespace

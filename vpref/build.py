@@ -154,9 +154,10 @@ class DataEngine:
     def shutdown(self) -> None:
         self.pool.shutdown()
         self.decoders.shutdown()
-        for a in (self.writer, self.queue.actor, self.pair_queue and self.pair_queue.actor):
-            if a is not None:
-                ray.kill(a, no_restart=True)
+        for q in (self.queue, self.pair_queue):
+            if q is not None:  # (a Queue's truth value is its length)
+                ray.kill(q.actor, no_restart=True)
+        ray.kill(self.writer, no_restart=True)
         for reps in self.generators.values():
             for a in reps:
                 ray.kill(a, no_restart=True)
@@ -331,7 +332,7 @@ class DataEngine:
                 break
             # Everything generated, nothing queued, no judge busy, still incomplete: results were
             # lost (a judge or the queue died mid-batch).  Re-enqueue what is missing.
-            quiet = (not generating and depth == 0 and not (pair_queue and pair_queue.size())
+            quiet = (not generating and depth == 0 and (pair_queue is None or pair_queue.size() == 0)
                      and not any(s["busy"] for s in stats))
             idle_checks = idle_checks + 1 if quiet else 0
             if idle_checks >= 3:

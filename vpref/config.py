@@ -422,7 +422,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not isinstance(data, dict):
             raise ConfigError(f"{p} must hold a mapping of sections, got {type(data).__name__}")
     if overrides:
-        data = Config.model_validate(data).model_dump(mode="json") if _valid(data) else data
+        if _valid(data):
+            explicit_ns = (data.get("ray") or {}).get("namespace")
+            data = Config.model_validate(data).model_dump(mode="json")
+            if explicit_ns is None:  # derived from run.name: derive it again after `--set run.name=...`
+                data["ray"]["namespace"] = None
         for o in overrides:
             key, value = parse_override(o)
             try:
