@@ -299,9 +299,8 @@ class DataEngine:
                             clip_refs.pop(s.video, None)
                     progressed = True
 
-        dispatch()  # generation starts first; the writer may still be starting
-        for item in ray.get(writer.missing.remote()):  # persisted earlier, never judged
-            queue.put(item)
+        dispatch()  # generation first, then what an earlier attempt persisted but never judged
+        queue.put_batch(ray.get(writer.missing.remote()))
         while True:
             dispatch()
             refs = list(in_flight)
@@ -340,8 +339,7 @@ class DataEngine:
                 lost = ray.get(writer.missing.remote())
                 if lost:
                     log(f"build: re-enqueueing {len(lost)} responses whose judgments were lost")
-                for item in lost:
-                    queue.put(item)
+                queue.put_batch(lost)
 
         self.pool.detach()
         status = ray.get(writer.finalize.remote())
