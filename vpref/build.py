@@ -254,7 +254,7 @@ class DataEngine:
                         del clip_refs[v]
             return True
 
-        dropped: set[str] = set()
+        dropped: dict[str, str] = {}  # question -> why it cannot be answered (its video did not decode)
 
         def drop_failed(chunk) -> list[Sample]:
             bad = {s.id: f"video {s.video} could not be decoded: {failed_videos[s.video]}"
@@ -264,7 +264,7 @@ class DataEngine:
                 if new:
                     ray.get(writer.drop_samples.remote({b: bad[b] for b in new}))
                     rejects.extend(Reject("decode", 0, b, bad[b], by_id[b].to_row()) for b in new)
-                    dropped.update(new)
+                    dropped.update({b: bad[b] for b in new})
             return [s for s in chunk if s.id not in bad]
 
         def dispatch() -> None:
@@ -336,6 +336,8 @@ class DataEngine:
             idle_checks = idle_checks + 1 if quiet else 0
             if idle_checks >= 3:
                 idle_checks = 0
+                if dropped:  # a restarted writer forgot them (they are not on disk)
+                    ray.get(writer.drop_samples.remote(dropped))
                 lost = ray.get(writer.missing.remote())
                 if lost:
                     log(f"build: re-enqueueing {len(lost)} responses whose judgments were lost")
