@@ -43,19 +43,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from _common import prepare, require_cuda  # noqa: E402
+
 
 def require_gpu(gpus: int) -> None:
-    try:
-        import torch
-    except ImportError:
-        sys.exit("this benchmark needs PyTorch with CUDA")
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs CUDA GPUs and none is visible here; run it on a GPU machine "
-                 "(see benchmarks/gpu/README.md)")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        sys.exit("this benchmark needs DeepSpeed: pip install 'vpref[gpu]' (or 'vpref[deepspeed]')")
+    require_cuda("deepspeed")
+    import torch
+
     if torch.cuda.device_count() < gpus and not _joining_cluster():
         sys.exit(f"--gpus {gpus} but this machine has {torch.cuda.device_count()} GPUs (pass --ray-address "
                  "to use a cluster)")
@@ -66,25 +60,6 @@ def _joining_cluster() -> bool:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def prepare(args) -> tuple[Path, Path]:
-    """(world folder, checkpoint folder), cached in --workdir."""
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    world = work / f"world-{args.videos}"
-    if not (world / "train.jsonl").is_file():
-        from vpref.data.synth import SynthSpec, synthesize
-
-        synthesize(world, SynthSpec(n=args.videos, seed=0))
-    if args.model:
-        return world, Path(args.model)
-    ckpt = work / f"tiny-{args.size}"
-    if not (ckpt / "config.json").is_file():
-        from vpref.models.tiny import build_tiny
-
-        build_tiny(ckpt, args.size, seed=0)
-    return world, ckpt
 
 
 def pair_rows(world: Path, n: int) -> list[dict]:

@@ -33,19 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-
-def require_gpu() -> None:
-    try:
-        import torch
-    except ImportError:
-        sys.exit("this benchmark needs PyTorch with CUDA")
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU and none is visible here; run it on a GPU machine "
-                 "(see benchmarks/gpu/README.md)")
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        sys.exit("this benchmark needs vLLM: pip install 'vpref[gpu]' on the GPU machine")
+from _common import require_cuda  # noqa: E402
 
 
 def tiny_pair(workdir: Path, size: str) -> tuple[Path, Path]:
@@ -121,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--one", nargs=2, metavar=("A", "B"), help=argparse.SUPPRESS)  # internal: one process, one model
     p.add_argument("--out", default="benchmarks/results/reload_time.json")
     args = p.parse_args(argv)
-    require_gpu()
+    require_cuda("vllm")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.one:

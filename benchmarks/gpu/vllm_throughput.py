@@ -40,20 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-
-def require_gpu(need_vllm: bool = True) -> None:
-    try:
-        import torch
-    except ImportError:
-        sys.exit("this benchmark needs PyTorch with CUDA")
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU and none is visible here; run it on a GPU machine "
-                 "(see benchmarks/gpu/README.md)")
-    if need_vllm:
-        try:
-            import vllm  # noqa: F401
-        except ImportError:
-            sys.exit("this benchmark needs vLLM: pip install 'vpref[gpu]' on the GPU machine")
+from _common import prepare, require_cuda  # noqa: E402
 
 
 def device_info() -> dict:
@@ -71,25 +58,6 @@ def device_info() -> dict:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def prepare(args) -> Path:
-    """Checkpoint (built tiny one unless --model) and the synthetic videos; cached in --workdir."""
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    world = work / f"world-{args.videos}"
-    if not (world / "train.jsonl").is_file():
-        from vpref.data.synth import SynthSpec, synthesize
-
-        synthesize(world, SynthSpec(n=args.videos, seed=0))
-    if args.model:
-        return Path(args.model)
-    ckpt = work / f"tiny-{args.size}"
-    if not (ckpt / "config.json").is_file():
-        from vpref.models.tiny import build_tiny
-
-        build_tiny(ckpt, args.size, seed=0)
-    return ckpt
 
 
 def inputs(args):
@@ -246,8 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--goal", type=float, default=0.9, help="required actor/offline output tokens/s ratio")
     p.add_argument("--out", default="benchmarks/results/vllm_throughput.json")
     args = p.parse_args(argv)
-    require_gpu()
-    ckpt = prepare(args)
+    require_cuda("vllm")
+    _, ckpt = prepare(args)
     if args.mode == "offline":
         result = run_offline(args, ckpt)
     elif args.mode == "actor":

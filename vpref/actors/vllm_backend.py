@@ -343,10 +343,8 @@ def to_completion(text: str, token_ids: Sequence[int], finish_reason: str | None
 # --------------------------------------------------------------------------- engine arguments
 
 
-def engine_kwargs(path: str | Path, dtype: str, vcfg, pre: VideoPreprocessor | None = None) -> dict:
-    """`vllm.LLM(**engine_kwargs(...))` for a video generator (from VLLMConfig + the checkpoint's
-    preprocessor config, so vLLM's frame resize matches vpref's)."""
-    pre = pre or VideoPreprocessor.from_pretrained(path)
+def _base_engine_kwargs(path: str | Path, dtype: str, vcfg) -> dict:
+    """What every vpref engine sets from its VLLMConfig: model, parallelism, memory, sleep mode."""
     tp = vcfg.tensor_parallel_size
     kw = {
         "model": str(path),
@@ -357,33 +355,30 @@ def engine_kwargs(path: str | Path, dtype: str, vcfg, pre: VideoPreprocessor | N
         "gpu_memory_utilization": vcfg.gpu_memory_utilization,
         "enable_sleep_mode": vcfg.enable_sleep_mode,
         "enforce_eager": vcfg.enforce_eager,
-        "limit_mm_per_prompt": {"image": 0, "video": vcfg.limit_videos_per_prompt},
-        "mm_processor_kwargs": video_pixel_kwargs(pre),
-        "worker_extension_cls": WORKER_EXTENSION,
     }
     if vcfg.max_model_len:
         kw["max_model_len"] = vcfg.max_model_len
     return kw
 
 
+def engine_kwargs(path: str | Path, dtype: str, vcfg, pre: VideoPreprocessor | None = None) -> dict:
+    """`vllm.LLM(**engine_kwargs(...))` for a video generator (from VLLMConfig + the checkpoint's
+    preprocessor config, so vLLM's frame resize matches vpref's)."""
+    pre = pre or VideoPreprocessor.from_pretrained(path)
+    return {
+        **_base_engine_kwargs(path, dtype, vcfg),
+        "limit_mm_per_prompt": {"image": 0, "video": vcfg.limit_videos_per_prompt},
+        "mm_processor_kwargs": video_pixel_kwargs(pre),
+        "worker_extension_cls": WORKER_EXTENSION,
+    }
+
+
 def chat_engine_kwargs(path: str | Path, dtype: str, vcfg, multimodal: bool) -> dict:
     """`vllm.LLM(**...)` for a text-only judge; a video model's vision inputs are switched off so
     no memory is reserved for its encoder."""
-    tp = vcfg.tensor_parallel_size
-    kw = {
-        "model": str(path),
-        "tokenizer": str(path),
-        "dtype": dtype,
-        "tensor_parallel_size": tp,
-        "distributed_executor_backend": "ray" if tp > 1 else "uni",
-        "gpu_memory_utilization": vcfg.gpu_memory_utilization,
-        "enable_sleep_mode": vcfg.enable_sleep_mode,
-        "enforce_eager": vcfg.enforce_eager,
-    }
+    kw = _base_engine_kwargs(path, dtype, vcfg)
     if multimodal:
         kw["limit_mm_per_prompt"] = {"image": 0, "video": 0}
-    if vcfg.max_model_len:
-        kw["max_model_len"] = vcfg.max_model_len
     return kw
 
 
