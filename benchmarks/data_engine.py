@@ -32,9 +32,7 @@ import re
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import ray
@@ -52,6 +50,7 @@ from vpref.data.manifest import load_manifest  # noqa: E402
 from vpref.data.schema import read_records, write_shard  # noqa: E402
 from vpref.judges.base import SampleView  # noqa: E402
 from vpref.judges.reference import ReferenceJudge  # noqa: E402
+from vpref.models.openai_chat import serve_loopback  # noqa: E402
 from vpref.utils import quiet_libraries  # noqa: E402
 
 
@@ -161,36 +160,21 @@ def _api_server(latency: float, families: dict[str, str]):
     reference judge scores the asked value by family."""
     ref = ReferenceJudge()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            fields = dict(_FIELD.findall(body["messages"][0]["content"]))
-            question = fields.get("Question", "")
-            view = SampleView("s", question, fields.get("Reference answer"), fields.get("Video description"),
-                              families.get(question))
-            a = ref.aspects(view, fields.get("Answer to judge", ""))
-            text = (f"Relevance: {a['detail']}\nAccuracy: {a['correctness']}\nClarity: {a['concision']}\n"
-                    "Rationale: checked against the description.")
-            time.sleep(latency)
-            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+    def reply(body, request):
+        fields = dict(_FIELD.findall(body["messages"][0]["content"]))
+        question = fields.get("Question", "")
+        view = SampleView("s", question, fields.get("Reference answer"), fields.get("Video description"),
+                          families.get(question))
+        a = ref.aspects(view, fields.get("Answer to judge", ""))
+        time.sleep(latency)
+        return (f"Relevance: {a['detail']}\nAccuracy: {a['correctness']}\nClarity: {a['concision']}\n"
+                "Rationale: checked against the description.")
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve_loopback(reply)
 
 
 def judge_scaling(base_cfg, samples, build_dir: Path, tmp: Path, latency: float, counts, n_items: int) -> dict:
-    server = _api_server(latency, {s.question: s.family for s in samples})
-    api = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server, api = _api_server(latency, {s.question: s.family for s in samples})
     by_id = {s.id: s for s in samples}
     responses = read_records(build_dir, "responses")[:n_items]
     plan = json.loads((build_dir / "plan.json").read_text())

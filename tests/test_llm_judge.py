@@ -143,33 +143,21 @@ def test_malformed_judge_output_is_counted_nothing_is_lost_and_the_queue_pushes_
 @pytest.fixture()
 def served_judge(trained_judge):
     """The trained tiny judge served over HTTP on loopback as an OpenAI-compatible endpoint."""
-    import json
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vpref.models.openai_chat import serve_loopback
 
     lock = threading.Lock()
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append((self.path, body["model"], self.headers.get("Authorization")))
-            with lock:  # one model, one request at a time
-                text = trained_judge.chat([body["messages"][0]["content"]], body["max_tokens"], body["temperature"],
-                                          body.get("seed", 0))[0]
-            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+    def reply(body, request):
+        seen.append((request.path, body["model"], request.headers.get("Authorization")))
+        with lock:  # one model, one request at a time
+            return trained_judge.chat([body["messages"][0]["content"]], body["max_tokens"], body["temperature"],
+                                      body.get("seed", 0))[0]
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server, base = serve_loopback(reply)
+    yield base, seen
     server.shutdown()
 
 

@@ -52,3 +52,31 @@ class OpenAIChat:
 
     def chat(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> list[str]:
         return list(self._pool.map(lambda p: self._one(p, max_new_tokens, temperature, seed), prompts))
+
+
+def serve_loopback(reply):
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 (a free port), for tests and benchmarks:
+    each POST is answered with `reply(body, request)` as the assistant message, where `body` is
+    the parsed JSON request and `request` the handler (its `path` and `headers`).  Returns
+    (server, base URL); stop it with `server.shutdown()`."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = reply(body, self)
+            out = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
