@@ -176,7 +176,8 @@ class JudgePoolConfig(_Section):
     max: int = F(2, "most judge actors (the rest of the demand stays pending for the autoscaler)", ge=1)
     batch_size: int = F(16, "items a judge pulls from the queue at once", ge=1)
     scale_up_depth: int = F(32, "queue depth above which the pool adds a judge", ge=1)
-    idle_s: float = F(10.0, "seconds a judge may idle before the pool removes it (down to min)", gt=0)
+    idle_s: float = F(10.0, "seconds a judge may idle (a pending judge: the queue stay empty) before the pool "
+                            "removes it (down to min)", gt=0)
     interval_s: float = F(0.5, "seconds between scaling decisions", gt=0)
     resources: ResourcesConfig = FL(
         lambda: ResourcesConfig(num_cpus=0.5), "Ray resources of each judge actor"

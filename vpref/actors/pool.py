@@ -47,6 +47,7 @@ class JudgePool:
         self.groups: dict[str, object] = {}  # placement groups of multi-GPU (tensor parallel) judges
         self._next = 0
         self._last_change = 0.0
+        self._empty_since: float | None = None  # when the queue last became empty
         while len(self.actors) < cfg.pool.min:
             self._spawn()
 
@@ -127,6 +128,10 @@ class JudgePool:
     def step(self, depth: int, stats: list[dict] | None = None) -> str | None:
         """One scaling decision from the queue depth; returns 'up', 'down' or None."""
         now = time.monotonic()
+        if depth > 0:
+            self._empty_since = None
+        elif self._empty_since is None:
+            self._empty_since = now
         if now - self._last_change < self.cfg.pool.interval_s:
             return None
         placed = self.placed()
@@ -137,7 +142,10 @@ class JudgePool:
             self.events.append((time.time(), "up", name))
             return "up"
         if depth == 0 and len(self.actors) > self.cfg.pool.min:
-            pending = [n for n, ok in placed.items() if not ok]
+            # A pending judge is the autoscaler's demand for a node: keep it through a queue that
+            # empties only for a moment between bursts, drop it once the queue stays empty.
+            patient = now - self._empty_since < self.cfg.pool.idle_s
+            pending = [] if patient else [n for n, ok in placed.items() if not ok]
             stats = stats if stats is not None else self.stats()
             idle = sorted((s["name"] for s in stats if not s["busy"] and s["idle_s"] >= self.cfg.pool.idle_s),
                           key=_index)
