@@ -32,7 +32,8 @@ def cluster(tmp_path_factory):
 def test_a_judge_node_added_mid_run_is_used_by_the_pool(cluster, world, sft_zoo, tmp_path):
     cfg = engine_config(world, sft_zoo, tmp_path, "judge.pool.resources={num_cpus: 0.5, custom: {judge: 1}}",
                         "judge.pool.scale_up_depth=4", "judge.pool.batch_size=2", "judge.pool.interval_s=0.2",
-                        "judge.pool.idle_s=30")
+                        "judge.pool.idle_s=30",
+                        "zoo.0.sampling.n=4")  # enough work left after the node joins for its judge to pull some
     samples = [s for split in ("train", "dev", "test") for s in load_manifest(world / f"{split}.jsonl").samples]
     engine = DataEngine(cfg, tmp_path / "state")
     engine.wait_ready()
