@@ -2,6 +2,7 @@
 custom `judge` resource; a judge the cluster cannot place stays pending until a judge node is
 added mid-run, then starts pulling."""
 
+import os
 import threading
 import time
 
@@ -19,6 +20,10 @@ from vpref.data.schema import read_records
 def cluster(tmp_path_factory):
     if ray.is_initialized():
         ray.shutdown()
+    # Cluster records its address in Ray's default temp dir, which a fresh machine lacks
+    from ray._common.utils import get_default_ray_temp_dir
+
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "include_dashboard": False,
                                                       "temp_dir": str(tmp_path_factory.mktemp("rc"))})
     c.add_node(num_cpus=1, resources={"judge": 1})
