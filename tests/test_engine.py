@@ -74,6 +74,17 @@ def test_build_writes_judged_pairs_card_and_resumes_without_redoing_work(engine,
     # One row per id on disk: exactly once.
     raw = pq.read_table(out / "pairs")
     assert raw.num_rows == len(set(raw.column("pair_id").to_pylist())) == len(pairs)
+    # Hugging Face datasets loads the tables as they are (it refuses Arrow map columns).
+    import datasets
+
+    hf = datasets.load_dataset("parquet", data_files=sorted(str(f) for f in (out / "pairs").glob("*.parquet")),
+                               split="train")
+    assert hf.num_rows == len(pairs) and {"prompt", "chosen", "rejected"} <= set(hf.column_names)
+    row = hf[0]
+    assert isinstance(row["chosen"], str) and {e["key"] for e in row["chosen_scores"]} == set(pairs[0].chosen_scores)
+    for table in ("responses", "judgments"):
+        assert datasets.load_dataset("parquet", data_files=str(next((out / table).glob("*.parquet"))),
+                                     split="train").num_rows > 0
 
     stats = write_card(out, res.summary())
     assert stats["pairs"] == len(pairs) and stats["chosen_beats_rejected"] == 1.0

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: keyed lists instead of maps (loadable by HF datasets), float scores
 
 
 def response_id(round_: int, sample_id: str, model: str, index: int) -> str:
@@ -71,7 +71,7 @@ class Judgment:
     rubric: str
     rubric_version: str
     ok: bool
-    scores: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
     overall: float | None = None
     rationale: str = ""
     error: str | None = None
@@ -122,8 +122,8 @@ class Pair:
     chosen_score: float
     rejected_score: float
     margin: float
-    chosen_scores: dict[str, int]
-    rejected_scores: dict[str, int]
+    chosen_scores: dict[str, float]
+    rejected_scores: dict[str, float]
     chosen_rationale: str
     rejected_rationale: str
     chosen_sampling: dict[str, float]
@@ -139,8 +139,15 @@ class Pair:
 
 # ----------------------------------------------------------------------------- Arrow
 
-_SCORES = pa.map_(pa.string(), pa.int32())
-_SAMPLING = pa.map_(pa.string(), pa.float64())
+# Named numbers (per-aspect scores, sampling settings) are lists of {key, value} structs rather
+# than Arrow maps: Hugging Face `datasets` cannot load map columns, and a struct with fixed fields
+# would fix the aspect names of one rubric.  Records hold them as plain dicts.
+def keyed(value_type: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.struct([("key", pa.string()), ("value", value_type)]))
+
+
+_SCORES = keyed(pa.float64())
+_SAMPLING = keyed(pa.float64())
 
 SCHEMAS: dict[str, pa.Schema] = {
     "responses": pa.schema([
@@ -180,20 +187,22 @@ RECORDS = {"responses": Response, "judgments": Judgment, "verdicts": Verdict, "p
 
 
 def _row(record) -> dict:
-    # Fields are flat (scalars and str->scalar dicts), so no deep copy (asdict) is needed; Arrow
-    # maps are lists of (key, value) pairs.
+    # Fields are flat (scalars and str->scalar dicts), so no deep copy (asdict) is needed.
     row = {f.name: getattr(record, f.name) for f in fields(record)}
     for k, v in row.items():
         if isinstance(v, dict):
-            row[k] = list(v.items())
+            row[k] = [{"key": key, "value": value} for key, value in v.items()]
     return row
+
+
+def _unkey(v):
+    return {e["key"]: e["value"] for e in v} if isinstance(v, list) else v
 
 
 def from_row(table: str, row: dict):
     cls = RECORDS[table]
     names = {f.name for f in fields(cls)}
-    kw = {k: (dict(v) if isinstance(v, list) else v) for k, v in row.items() if k in names}
-    return cls(**kw)
+    return cls(**{k: _unkey(v) for k, v in row.items() if k in names})
 
 
 def write_shard(folder: str | Path, table: str, records: list) -> Path | None:
