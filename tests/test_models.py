@@ -13,8 +13,14 @@ from vpref.models.video_lm import VideoLM, sequence_logps
 def test_tiny_checkpoint_is_a_real_qwen25vl_folder(tiny_ckpt, tiny_vlm):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     assert cfg["model_type"] == "qwen2_5_vl"
-    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "video_preprocessor_config.json",
-            "preprocessor_config.json", "generation_config.json"} <= {p.name for p in tiny_ckpt.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json",
+            "generation_config.json"} <= {p.name for p in tiny_ckpt.iterdir()}
+    # The genuine class names, so AutoProcessor (and vLLM) build transformers' own processor.
+    proc = json.loads((tiny_ckpt / "processor_config.json").read_text())
+    assert proc["processor_class"] == "Qwen2_5_VLProcessor"
+    assert proc["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert proc["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert type(tiny_vlm.processor).__name__ == "Qwen2_5_VLProcessor"
     n = sum(p.numel() for p in tiny_vlm.model.parameters())
     assert 0.5e6 < n < 2e6
     assert type(tiny_vlm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -23,9 +29,10 @@ def test_tiny_checkpoint_is_a_real_qwen25vl_folder(tiny_ckpt, tiny_vlm):
 
 
 def test_prompt_has_one_video_placeholder_per_video_token(tiny_vlm, clip):
-    ids = tiny_vlm.prompt_ids("What colour is the circle?", clip.frames.shape)
-    n_video = ids.count(tiny_vlm.video_token_id)
-    assert n_video == tiny_vlm.preprocessor.num_video_tokens(*clip.frames.shape[:3]) == 16
+    ids = tiny_vlm.prompt_ids("What colour is the circle?", clip.frames)
+    n_video = ids.count(tiny_vlm.processor.video_token_id)
+    pre = VideoPreprocessor.from_pretrained(tiny_vlm.path)
+    assert n_video == pre.num_video_tokens(*clip.frames.shape[:3]) == 16
     text = tiny_vlm.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\n<|vision_start|>") and text.endswith("<|im_start|>assistant\n")
 
@@ -97,10 +104,9 @@ def test_save_reload_round_trip(tiny_vlm, clip, tmp_path):
     with torch.no_grad():
         before = tiny_vlm.model(**b.inputs).logits
     tiny_vlm.model.save_pretrained(tmp_path / "copy")
-    tiny_vlm.tokenizer.save_pretrained(tmp_path / "copy")
-    tiny_vlm.preprocessor.save_pretrained(tmp_path / "copy")
+    tiny_vlm.save_processor(tmp_path / "copy")
     again = VideoLM.load(tmp_path / "copy")
-    assert again.preprocessor == tiny_vlm.preprocessor
+    assert again.processor.video_processor.to_dict() == tiny_vlm.processor.video_processor.to_dict()
     b2 = again.scoring_batch([clip.frames], ["What colour is the circle?"], ["The circle is red."])
     assert torch.equal(b.inputs["input_ids"], b2.inputs["input_ids"])
     with torch.no_grad():
