@@ -111,8 +111,9 @@ class VLLMConfig(_Section):
 
 def _check_family(family: str | None) -> str | None:
     if family is not None and family not in MODEL_FAMILIES:
-        near = difflib.get_close_matches(family, sorted(MODEL_FAMILIES), n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        near = [f for f in sorted(MODEL_FAMILIES) if family in f] or difflib.get_close_matches(
+            family, sorted(MODEL_FAMILIES), n=1)
+        hint = f" (did you mean {' or '.join(repr(f) for f in near)}?)" if near else ""
         raise ValueError(f"unknown model family {family!r}{hint}; supported: {sorted(MODEL_FAMILIES)}")
     return family
 
@@ -142,12 +143,14 @@ class ZooMember(_Section):
 
 
 def _demo_zoo() -> list[ZooMember]:
+    """Two families: Qwen2.5-VL (the policy and a stronger sibling) and LLaVA-OneVision."""
     s = "runs/demo/sft"
     return [
-        ZooMember(name="policy", path=f"{s}/policy", policy=True,
+        ZooMember(name="policy", path=f"{s}/policy", family="qwen2_5_vl", policy=True,
                   sampling=SamplingConfig(temperature=1.0, n=2)),
-        ZooMember(name="strong", path=f"{s}/strong", sampling=SamplingConfig(temperature=0.7, n=1)),
-        ZooMember(name="noisy", path=f"{s}/noisy", sampling=SamplingConfig(temperature=1.0, n=1)),
+        ZooMember(name="strong", path=f"{s}/strong", family="qwen2_5_vl", sampling=SamplingConfig(temperature=0.7, n=1)),
+        ZooMember(name="noisy", path=f"{s}/noisy", family="llava_onevision",
+                  sampling=SamplingConfig(temperature=1.0, n=1)),
     ]
 
 
@@ -183,7 +186,7 @@ def _demo_sft_members() -> list[SFTMember]:
     return [
         SFTMember(name="policy", size="1m", steps=100),
         SFTMember(name="strong", size="1m", steps=300, seed=1, init_from="policy"),
-        SFTMember(name="noisy", size="1m", steps=150, label_noise=0.3, seed=2),
+        SFTMember(name="noisy", family="llava_onevision", size="1m", steps=150, label_noise=0.3, seed=2),
     ]
 
 

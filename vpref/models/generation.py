@@ -19,6 +19,8 @@ class Completion:
 def generate(vlm: VideoLM, clips, questions, sampling, fps=None, seed: int | None = None) -> list[list[Completion]]:
     """`sampling.n` completions per (clip, question).  `sampling` has temperature, top_p,
     max_new_tokens, n, seed (a `SamplingConfig`); temperature 0 means greedy."""
+    if not len(clips):
+        return []
     batch = vlm.generation_batch(clips, questions, fps).to(vlm.device)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,

@@ -62,6 +62,7 @@ class Family:
     vision_modules: tuple[str, ...] = ("model.visual",)  # attribute path(s) of the vision tower in the model
     vision_prefixes: tuple[str, ...] = ("visual.", "model.visual.")  # its tensors' names in checkpoint files
     vllm_video = True  # vLLM takes `multi_modal_data={"video": ...}` for this family
+    mm_token_types = False  # the model's forward places vision tokens by `mm_token_type_ids` (Qwen, transformers 5)
     # Tiny builders: the chat template's video part and the named tokens the processor reads
     # from the tokenizer (`tokenizer.video_token`, ...).
     template_video = VIDEO_PLACEHOLDER

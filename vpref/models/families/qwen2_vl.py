@@ -47,6 +47,7 @@ class Qwen2VL(Family):
     image_processor_class = "Qwen2VLImageProcessor"
     video_processor = TorchQwenVideoProcessor
     config_class = "Qwen2VLConfig"
+    mm_token_types = True
     template_video = "<|vision_start|><|video_pad|><|vision_end|>"
     tokens = QWEN_TOKENS
     # The tiny checkpoints' frames: 64x64 -> 56x56 -> 4 merged tokens per pair of frames.

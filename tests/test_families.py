@@ -1,0 +1,271 @@
+"""Every registered video-LLM family, end to end on CPU: transformers' real processor class around
+the torch-only video processor (genuine class names on disk), prompts expanded by transformers
+itself, batched generation and DPO scoring that do not depend on padding, the generator actor on
+Ray (answer, score, reload in place), the per-family dataset card, and a LLaVA-OneVision policy
+through one DPO round (data build with a two-family zoo, Ray Train, ExPO, reload into its actor).
+
+The checkpoints are tiny (0.2m), random, built once for the module from the shared tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from vpref.config import DataConfig, SamplingConfig, ZooMember
+from vpref.data.video import decode_video
+from vpref.models.families import SUPPORTED, get_family
+from vpref.models.generation import generate
+from vpref.models.video_lm import VideoLM, sequence_logps
+
+FAMILIES = sorted(SUPPORTED)
+# (placeholder the processor repeats, how many times) for one 8-frame 64x64 clip, from each
+# family's own expansion rule and the tiny configs (see the family modules' docstrings).
+EXPANSION = {
+    "qwen2_vl": ("<|video_pad|>", 16),  # 56x56 -> 4x4 patches of 14, 4 temporal groups, 2x2 merge
+    "qwen2_5_vl": ("<|video_pad|>", 16),
+    "qwen3_vl": ("<|video_pad|>", 16),  # 64x64 -> 4x4 patches of 16, 4 groups of 4, each with a timestamp
+    "llava_onevision": ("<video>", 8 * 4 + 1),  # 4x4 patches pooled to 2x2 per frame, + 1 newline
+    "llava_next_video": ("<video>", 8 * 4),  # (64/16)^2 / 4 per frame
+    "internvl": ("<IMG_CONTEXT>", 8 * 4),  # per frame: (64/16)^2 * 0.5^2
+}
+QUESTIONS = ["What colour is the circle?", "How many shapes are in the video?", "Describe the video in detail."]
+
+
+@pytest.fixture(scope="module")
+def family_ckpts(tmp_path_factory, tiny_tokenizer):
+    """family -> (checkpoint, a perturbed twin with the same architecture)."""
+    from vpref.models.tiny import build_tiny
+    from vpref.train.checkpoint import load_state_dict, save_state_dict
+
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for f in FAMILIES:
+        a = build_tiny(root / f, "0.2m", seed=0, tokenizer=tiny_tokenizer, family=f)
+        g = torch.Generator().manual_seed(1)
+        sd = {k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+              for k, v in load_state_dict(a).items()}
+        out[f] = (a, save_state_dict(sd, a, root / f"{f}-b"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def vlms(family_ckpts):
+    return {f: VideoLM.load(a) for f, (a, _) in family_ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def clips(world):
+    return [decode_video(p, 8) for p in sorted((world / "videos").glob("*.mp4"))[:3]]
+
+
+def test_each_family_runs_transformers_processor_saved_under_genuine_names(family_ckpts, vlms, clips):
+    from vpref.actors.vllm_weights import vision_tensor_names
+
+    clip = clips[0]
+    for f in FAMILIES:
+        fam, vlm, path = get_family(f), vlms[f], family_ckpts[f][0]
+        assert vlm.family is fam and type(vlm.processor).__name__ == fam.processor_class
+        cfg = json.loads((path / "processor_config.json").read_text())
+        assert cfg["processor_class"] == fam.processor_class
+        assert cfg["video_processor"]["video_processor_type"] == fam.video_processor.genuine
+        assert cfg["image_processor"]["image_processor_type"] == fam.image_processor_class
+        assert json.loads((path / "config.json").read_text())["model_type"] == f
+        # The prompt is the template's one placeholder, expanded by transformers' processor.
+        assert vlm.prompt_text(QUESTIONS[0]).count(vlm.processor.video_token) == 1
+        ids = vlm.prompt_ids(QUESTIONS[0], clip.frames, clip.sampled_fps)
+        token, n = EXPANSION[f]
+        assert ids.count(vlm.tokenizer.convert_tokens_to_ids(token)) == n, f
+        text = vlm.tokenizer.decode(ids)
+        if f == "qwen3_vl":  # one timestamp per temporal patch, from the clip's fps
+            assert text.count(" seconds>") == 4 and f"<{0.5 / clip.sampled_fps:.1f} seconds>" in text
+        if f == "internvl":  # the video becomes per-frame images
+            assert all(f"Frame{i}: <img>" in text for i in range(1, 9))
+        # freeze_vision finds the tower; its tensors are the ones a vLLM reload may skip.
+        tower = fam.vision_tower(vlm.model)
+        on_disk = vision_tensor_names(path, fam.vision_prefixes)
+        assert len(on_disk) == len(tower.state_dict()) > 0, f
+
+
+def test_batched_generation_and_scoring_do_not_depend_on_padding(vlms, clips):
+    frames, fps = [c.frames for c in clips], [c.sampled_fps for c in clips]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6)
+    answers = ["The circle is red.", "There are two shapes.", "A blue square moves left."]
+    for f, vlm in vlms.items():
+        batched = generate(vlm, frames, QUESTIONS, greedy, fps=fps)
+        single = [generate(vlm, [c], [q], greedy, fps=[p])[0] for c, q, p in zip(frames, QUESTIONS, fps)]
+        assert [b[0].text for b in batched] == [s[0].text for s in single], f
+        with torch.no_grad():
+            lp = sequence_logps(vlm.model, vlm.scoring_batch(frames, QUESTIONS, answers, fps))
+            one = [sequence_logps(vlm.model, vlm.scoring_batch([c], [q], [a], [p])).item()
+                   for c, q, a, p in zip(frames, QUESTIONS, answers, fps)]
+        assert lp.tolist() == pytest.approx(one, rel=1e-4, abs=1e-4), f
+        assert torch.isfinite(lp).all()
+
+
+def _pair_rows(world, n):
+    from vpref.data.manifest import load_manifest
+    from vpref.data.world import perturb
+
+    rng = np.random.default_rng(0)
+    return [{"pair_id": f"p{i}", "prompt": s.question, "chosen": s.answer, "rejected": perturb(s.answer, rng),
+             "video": s.video} for i, s in enumerate(load_manifest(world / "train.jsonl").samples[:n])]
+
+
+def test_every_family_answers_scores_and_reloads_in_its_generator_actor(ray_local, family_ckpts, vlms, world, clips):
+    from vpref.actors.generator import GeneratorActor
+    from vpref.train.dpo import score_pairs
+
+    remote = ray.remote(GeneratorActor)
+    greedy = SamplingConfig(temperature=0, max_new_tokens=6).model_dump()
+    data = DataConfig(num_frames=8)
+    rows = _pair_rows(world, 2)
+    actors = {f: remote.options(num_cpus=0.1).remote(
+        ZooMember(name=f"fam-{f}", path=str(a), family=f, batch_size=4).model_dump(), f"gen-fam-{f}")
+        for f, (a, _) in family_ckpts.items()}  # all start at once: their imports overlap
+    refs = [ray.put(c) for c in clips[:2]]
+    try:
+        for f, actor in actors.items():
+            a, b = (str(p) for p in family_ckpts[f])
+            info = ray.get(actor.info.remote())
+            assert info["family"] == f and info["version"] == 0
+            answers = ray.get(actor.generate.remote(refs, QUESTIONS[:2], greedy, 0))
+            local = generate(vlms[f], [c.frames for c in clips[:2]], QUESTIONS[:2], SamplingConfig(**greedy),
+                             fps=[c.sampled_fps for c in clips[:2]], seed=0)
+            assert answers == local, f  # the actor runs the same code on the same weights
+            # DPO scoring in the actor (the reference log-probs of a round) = the local computation.
+            scored = ray.get(actor.score_pairs.remote(rows, data.model_dump(), 2))
+            assert scored == score_pairs(vlms[f], rows, data, 2), f
+            assert all(np.isfinite(s[1]) and np.isfinite(s[2]) and s[3] > 1 for s in scored)
+            # In place: same process, new weights, new log-probs; back to the first weights, the first log-probs.
+            r = ray.get(actor.load_weights.remote(b, 1))
+            assert r["pid"] == info["pid"] and r["version"] == 1 and r["tensors"] > 0
+            moved = ray.get(actor.score_pairs.remote(rows, data.model_dump(), 2))
+            assert [m[1] for m in moved] != [s[1] for s in scored], f
+            ray.get(actor.load_weights.remote(a, 2))
+            assert ray.get(actor.score_pairs.remote(rows, data.model_dump(), 2)) == scored, f
+            assert ray.get(actor.info.remote())["pid"] == info["pid"]
+    finally:
+        for actor in actors.values():
+            ray.kill(actor)
+
+
+def test_a_member_of_the_wrong_family_or_an_unknown_one_is_refused(family_ckpts, tmp_path):
+    from vpref.actors.backends import check_family
+    from vpref.config import ConfigError, load_config
+
+    llava = str(family_ckpts["llava_onevision"][0])
+    assert check_family(ZooMember(name="x", path=llava, family="llava_onevision")) == "llava_onevision"
+    assert check_family(ZooMember(name="x", path=llava)) == "llava_onevision"  # no family declared: the checkpoint's
+    with pytest.raises(ValueError, match="is a llava_onevision checkpoint, the config says family 'qwen2_5_vl'"):
+        check_family(ZooMember(name="x", path=llava, family="qwen2_5_vl"))
+    with pytest.raises(ConfigError, match=r"unknown model family .llava. \(did you mean .llava_next_video. or .llava_onevision.\?\)"):
+        load_config(None, ["zoo.2.family=llava"])
+    with pytest.raises(ConfigError, match="smollm2 is built as a LLaVA-OneVision"):
+        load_config(None, ["sft.members=[{name: s, family: internvl, text_model: smollm2}]"])
+    with pytest.raises(ConfigError, match="init_from 'a' is a qwen2_5_vl"):
+        load_config(None, ["sft.members=[{name: a}, {name: b, family: internvl, init_from: a}]"])
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "video_llava"}))
+    with pytest.raises(ValueError, match="model_type 'video_llava' is not supported yet.*Adding a model family"):
+        VideoLM.load(tmp_path)
+
+
+def test_the_card_breaks_the_win_rate_down_by_model_family(family_ckpts, tmp_path):
+    from vpref.data.card import card_stats, write_card
+    from vpref.data.schema import Judgment, Pair, Response, write_shard
+
+    paths = {"qwen-a": family_ckpts["qwen2_5_vl"][0], "qwen-b": family_ckpts["qwen2_5_vl"][1],
+             "llava": family_ckpts["llava_onevision"][0], "gone": tmp_path / "deleted"}
+    resp, judg, pairs = [], [], []
+    wins = {"qwen-a": 3, "qwen-b": 1, "llava": 0, "gone": 0}  # chosen counts; llava is rejected in every pair
+    for q in range(4):
+        for m, p in paths.items():
+            rid = f"r{q}-{m}"
+            resp.append(Response(rid, f"s{q}", 1, m, str(p), m == "llava", 0, 0, "x", 1, "stop", 1.0, 1.0, 0))
+            judg.append(Judgment(f"j{rid}", rid, f"s{q}", "reference", "r", "v", True, overall=2.0 + (m == "qwen-a")))
+        chosen = "qwen-a" if q < 3 else "qwen-b"
+        pairs.append(Pair(f"p{q}", "q", "c", "r", "v.mp4", f"s{q}", "colour", 1, 0, f"r{q}-{chosen}", f"r{q}-llava",
+                          chosen, "llava", 3.0, 2.0, 1.0, {}, {}, "", "", {}, {}, 1, 1, "reference", "r", "v",
+                          "best_vs_worst", "off"))
+    for table, records in (("responses", resp), ("judgments", judg), ("pairs", pairs)):
+        write_shard(tmp_path, table, records)
+    stats = card_stats(tmp_path)
+    assert stats["model_families"] == {"qwen-a": "qwen2_5_vl", "qwen-b": "qwen2_5_vl", "llava": "llava_onevision",
+                                       "gone": "?"}
+    fam = stats["win_rate_by_family"]
+    assert fam["qwen2_5_vl"]["models"] == ["qwen-a", "qwen-b"]
+    assert (fam["qwen2_5_vl"]["chosen"], fam["qwen2_5_vl"]["rejected"], fam["qwen2_5_vl"]["win_rate"]) == (4, 0, 1.0)
+    assert (fam["llava_onevision"]["chosen"], fam["llava_onevision"]["rejected"]) == (0, 4)
+    assert fam["llava_onevision"]["win_rate"] == 0.0 and fam["?"]["win_rate"] is None
+    assert fam["qwen2_5_vl"]["mean_score"] == 2.5 and fam["qwen2_5_vl"]["responses"] == 8  # over its 8 judgments
+    assert sum(w["chosen"] for w in fam.values()) == sum(wins.values()) == len(pairs)
+    text = (write_card(tmp_path), (tmp_path / "README.md").read_text())[1]
+    assert "## Model families" in text and "| llava_onevision | llava | 4 | 2.0 | 0 | 4 | 0.0 |" in text
+
+
+@pytest.mark.slow
+def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, world, sft_zoo, tmp_path):
+    """Data from a two-family zoo (the LLaVA-OneVision policy beside a Qwen2.5-VL member), its
+    reference log-probs from the policy's own actor, DPO on Ray Train, ExPO, and the result
+    reloaded in place into the policy's actor, which now prefers the chosen answers more."""
+    from vpref.actors.vllm_weights import vision_tensors_equal
+    from vpref.build import DataEngine
+    from vpref.config import load_config
+    from vpref.data.card import write_card
+    from vpref.data.manifest import load_manifest
+    from vpref.train.checkpoint import load_state_dict
+    from vpref.train.dpo import reference_logps, train_dpo
+    from vpref.train.expo import extrapolate
+
+    policy = family_ckpts["llava_onevision"][0]
+    out = tmp_path / "round"
+    cfg = load_config(None, [
+        f"data.root={world}", f"data.train={world}/train.jsonl", f"data.dev={world}/dev.jsonl",
+        f"data.test={world}/test.jsonl", f"run.out_dir={out}", "run.name=llava-round",
+        f"zoo=[{{name: policy, path: '{policy}', family: llava_onevision, policy: true, batch_size: 8,"
+        f" resources: {{num_cpus: 0.5}}, sampling: {{temperature: 1.0, n: 2, max_new_tokens: 16}}}},"
+        f" {{name: qwen, path: '{sft_zoo}/policy', family: qwen2_5_vl, batch_size: 8, resources: {{num_cpus: 0.5}},"
+        f" sampling: {{temperature: 0.7, n: 1, max_new_tokens: 16}}}}]",
+        "judge.pool.min=1", "judge.pool.max=1", "judge.pool.batch_size=8", "pairs.min_margin=0.1",
+        "dpo.num_workers=1", "dpo.epochs=2", "dpo.batch_size=8", "dpo.lr=3e-3", "dpo.freeze_vision=true",
+    ])
+    engine = DataEngine(cfg, out / "state")
+    try:
+        engine.wait_ready()
+        build = engine.build(load_manifest(world / "train.jsonl").samples[:24], out / "data", round_=1)
+        card = write_card(out / "data", build.summary())
+        fam = card["win_rate_by_family"]
+        assert set(fam) == {"llava_onevision", "qwen2_5_vl"} and card["pairs"] >= 4
+        assert sum(f["chosen"] for f in fam.values()) == sum(f["rejected"] for f in fam.values()) == card["pairs"]
+        (actor,) = engine.policy_replicas()
+        before = ray.get(actor.info.remote())
+        pairs_ref = reference_logps(policy, out / "data", out / "train" / "pairs_ref.parquet", cfg.data, 16,
+                                    actors=[actor])  # the policy's actor holds the reference weights
+        trained = train_dpo(cfg.dpo, cfg.data, policy, pairs_ref, out / "train", name="llava-round", seed=1)
+        assert trained.metrics and all(np.isfinite(m["loss"]) for m in trained.metrics)
+        theta = extrapolate(trained.checkpoint, policy, 0.5, out / "policy")  # ExPO
+        got = engine.reload_policy(theta, version=1)
+        after = ray.get(actor.info.remote())
+        assert got[0]["version"] == after["version"] == 1 and after["pid"] == before["pid"]  # in place
+        assert after["path"] == str(theta) and after["family"] == "llava_onevision"
+        # The new weights rank the judge's chosen answers higher than the reference did.
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(pairs_ref).to_pylist()
+        new = {r[0]: r[1] - r[2] for r in ray.get(actor.score_pairs.remote(rows, cfg.data.model_dump(), 16))}
+        gain = [new[r["pair_id"]] - (r["ref_chosen_logp"] - r["ref_rejected_logp"]) for r in rows]
+        assert np.mean(gain) > 0 and np.mean(np.array(gain) > 0) > 0.5
+        # freeze_vision kept the SigLIP tower; the language model and projector moved.
+        prefixes = get_family("llava_onevision").vision_prefixes
+        assert vision_tensors_equal(policy, theta, prefixes)
+        a, b = load_state_dict(policy), load_state_dict(theta)
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("multi_modal_projector."))
+        clip = decode_video(rows[0]["video"], 8)
+        (answer,) = ray.get(actor.generate.remote([clip], [rows[0]["prompt"]], None, 0))
+        assert len(answer) == 2 and all(c.finish_reason in ("stop", "length") for c in answer)  # the member's n
+    finally:
+        engine.shutdown()
