@@ -207,6 +207,30 @@ def test_the_card_breaks_the_win_rate_down_by_model_family(family_ckpts, tmp_pat
     assert "## Model families" in text and "| llava_onevision | llava | 4 | 2.0 | 0 | 4 | 0.0 |" in text
 
 
+def test_the_three_family_gpu_recipe_and_the_smollm2_demo_config():
+    from pathlib import Path
+
+    from vpref.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(root / "recipes" / "zoo-3families-1node-8gpu.yaml")
+    gens = [m for m in cfg.zoo if m.role == "generator"]
+    assert [m.family for m in gens] == ["qwen2_5_vl", "llava_onevision", "internvl"]
+    assert cfg.policy_member.family == "qwen2_5_vl" and all(m.backend == "vllm" for m in cfg.zoo)
+    assert all(get_family(m.family).vllm_video for m in cfg.zoo)  # vLLM takes video for every member
+    # 8 GPUs: two engines per generator GPU, the judge's TP group, the DPO workers.
+    gpus = sum(m.resources.num_gpus * m.replicas for m in cfg.zoo)
+    assert gpus + cfg.judge.vllm.tensor_parallel_size + cfg.dpo.num_workers * cfg.dpo.gpus_per_worker <= 8
+    assert all(2 * m.vllm.gpu_memory_utilization < 0.9 for m in cfg.zoo)
+    # The longest video prompt fits: InternVL3 at 448 px is 256 tokens a frame (+ its "FrameN:" labels).
+    assert all(m.vllm.max_model_len >= cfg.data.num_frames * (256 + 8) + m.sampling.max_new_tokens for m in gens)
+    demo = load_config(root / "demo-smollm2.yaml")
+    smol = next(m for m in demo.sft.members if m.text_model == "smollm2")
+    assert smol.family == "llava_onevision" and smol.name in {m.name for m in demo.zoo}
+    assert {m.family for m in demo.zoo} == {"qwen2_5_vl", "llava_onevision"}
+    assert len({m.family for m in load_config(None).zoo}) >= 2  # the default demo spans two families
+
+
 @pytest.mark.slow
 def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, world, sft_zoo, tmp_path):
     """Data from a two-family zoo (the LLaVA-OneVision policy beside a Qwen2.5-VL member), its
@@ -269,3 +293,64 @@ def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, wor
         assert len(answer) == 2 and all(c.finish_reason in ("stop", "length") for c in answer)  # the member's n
     finally:
         engine.shutdown()
+
+
+# --------------------------------------------------------------------------- GPU: HF vs vLLM prompts
+
+HAS_VLLM_GPU = torch.cuda.is_available() and __import__("importlib.util").util.find_spec("vllm") is not None
+gpu = pytest.mark.skipif(not HAS_VLLM_GPU, reason="needs a CUDA GPU and vLLM (pip install 'vpref[gpu]')")
+VLLM_FAMILIES = [f for f in FAMILIES if get_family(f).vllm_video]
+
+
+@gpu
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.xfail(
+        reason="transformers keeps the template's <|vision_start|>...<|vision_end|> around Qwen3-VL's expansion, "
+               "vLLM replaces it: vllm-project/vllm#46817 (open)", strict=False)) if f == "qwen3_vl" else f
+    for f in VLLM_FAMILIES])
+def test_vllm_runs_the_hf_paths_prompt_tokens(family, tiny_tokenizer, clips, tmp_path):
+    """The engine's prompt after its own expansion is token for token the HF path's (3m models:
+    head_dim 64, which vLLM's attention kernels take)."""
+    from vpref.actors.backends import GenRequest
+    from vpref.actors.vllm_backend import VLLMBackend
+    from vpref.config import VLLMConfig
+    from vpref.models.tiny import build_tiny
+
+    path = build_tiny(tmp_path / family, "3m", tokenizer=tiny_tokenizer, family=family)
+    engine = VLLMBackend(str(path), "bfloat16", VLLMConfig(gpu_memory_utilization=0.2, enforce_eager=True,
+                                                           max_model_len=2048))
+    try:
+        from vllm import SamplingParams
+
+        reqs = [GenRequest(c.frames, c.sampled_fps, q) for c, q in zip(clips, QUESTIONS)]
+        outs = engine.llm.generate(engine.build_prompts(reqs), SamplingParams(max_tokens=1), use_tqdm=False)
+        hf = VideoLM(None, engine.processor, path, family)
+        assert [list(o.prompt_token_ids) for o in outs] == [hf.prompt_ids(r.question, r.frames, r.fps) for r in reqs]
+        answers = engine.generate(reqs, SamplingConfig(temperature=0, max_new_tokens=8), seed=0)
+        assert [len(a) for a in answers] == [1, 1, 1]
+    finally:
+        del engine
+
+
+@pytest.mark.slow
+def test_the_smollm2_member_is_sft_trained_and_answers_fluently(world, clips, tmp_path):
+    """LLaVA-OneVision around SmolLM2-135M-Instruct: built with SmolLM2's weights (strictly), SFT'd
+    through the normal path, saved and reloaded as an ordinary checkpoint, fluent at once."""
+    from vpref.config import load_config
+    from vpref.train.sft import run_sft
+
+    cfg = load_config(None, [
+        f"data.root={world}", f"data.train={world}/train.jsonl", f"data.dev={world}/dev.jsonl",
+        f"sft.out={tmp_path}/sft", "sft.batch_size=2", "sft.warmup_steps=1", "sft.eval_max_new_tokens=8",
+        "sft.members=[{name: smol, family: llava_onevision, text_model: smollm2, size: 0.2m, steps: 1, lr: 1.0e-5}]",
+    ])
+    report = run_sft(cfg)["members"]["smol"]
+    assert report["params"] > 130e6 and report["model_type"] == "llava_onevision"
+    vlm = VideoLM.load(tmp_path / "sft" / "smol")
+    assert type(vlm.processor).__name__ == "LlavaOnevisionProcessor" and vlm.tokenizer.video_token == "<video>"
+    text = vlm.prompt_text("What is the capital of France?")  # its own template loops over the parts
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert "<|im_start|>user\n<video>\nWhat is the capital of France?<|im_end|>" in text
+    (answer,) = generate(vlm, [clips[0].frames], ["What is the capital of France?"],
+                         SamplingConfig(temperature=0, max_new_tokens=12), fps=[clips[0].sampled_fps])
+    assert "Paris" in answer[0].text and answer[0].finish_reason == "stop"

@@ -117,8 +117,10 @@ def run_sft(cfg: Config) -> dict:
         log(f"{n_rej} rows set aside in {out / 'rejects.jsonl'}")
     if not train:
         raise RuntimeError(f"no usable training rows in {cfg.data.train} (see {out / 'rejects.jsonl'})")
-    corpus = world_corpus() + rubric_corpus() + [t for s in train for t in (s.question, s.answer or "")]
-    tokenizer = train_tokenizer(corpus, cfg.sft.vocab_size)
+    tokenizer = None  # the tiny members' shared vocabulary (a pretrained text model brings its own)
+    if any(m.text_model is None and not m.init_from for m in cfg.sft.members):
+        corpus = world_corpus() + rubric_corpus() + [t for s in train for t in (s.question, s.answer or "")]
+        tokenizer = train_tokenizer(corpus, cfg.sft.vocab_size)
     report = {"members": {}, "train_questions": len(train), "dev_questions": len(dev)}
     for member in cfg.sft.members:
         t1 = time.perf_counter()

@@ -76,15 +76,16 @@ class Family:
         return getattr(transformers, self.image_processor_class + "Pil", None) or getattr(
             transformers, self.image_processor_class)
 
-    def load_processor(self, path: str | Path):
+    def load_processor(self, path: str | Path, genuine: bool | None = None):
         """transformers' processor for the checkpoint: the genuine one where torchvision works, else
-        the same processor class around the torch-only video processor and the PIL image processor."""
+        the same processor class around the torch-only video processor and the PIL image processor.
+        `genuine`: force one or the other (None: the genuine one where it can run)."""
         import transformers
 
         from vpref.models.video_processors import export_video_processor_mixin, torchvision_works
 
         export_video_processor_mixin()
-        if torchvision_works():
+        if genuine if genuine is not None else torchvision_works():
             processor = transformers.AutoProcessor.from_pretrained(path)
         else:
             cls = getattr(transformers, self.processor_class)
