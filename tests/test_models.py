@@ -119,3 +119,26 @@ def test_unsupported_and_missing_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         VideoLM.load(tmp_path)
+
+
+def test_a_checkpoint_in_the_older_qwen_layout_loads_the_same_processor(tiny_ckpt, tiny_vlm, clip, tmp_path):
+    """Hub Qwen2.5-VL checkpoints keep their processors in preprocessor_config.json (+ video_
+    preprocessor_config.json) and the chat template in chat_template.json, not transformers 5's
+    processor_config.json."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_ckpt, old)
+    nested = json.loads((old / "processor_config.json").read_text())
+    (old / "processor_config.json").unlink()
+    (old / "preprocessor_config.json").write_text(json.dumps(
+        {**nested["image_processor"], "min_pixels": 56 * 56, "max_pixels": 112 * 112}))
+    (old / "video_preprocessor_config.json").write_text(json.dumps(nested["video_processor"]))
+    template = (old / "chat_template.jinja").read_text()
+    (old / "chat_template.jinja").unlink()
+    (old / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    again = VideoLM.load(old)
+    assert again.processor.chat_template == template
+    a = tiny_vlm.prompt_inputs(clip.frames, "What colour is the circle?", clip.sampled_fps)
+    b = again.prompt_inputs(clip.frames, "What colour is the circle?", clip.sampled_fps)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
