@@ -3,11 +3,10 @@ point the rest of vpref uses (`VideoLM`).
 
 Prompts come from the checkpoint's own chat template with one video placeholder, and
 transformers' own processor expands it (`Frame{i}:` lines for InternVL, timestamps for
-Qwen3-VL, `<video>`*n for LLaVA, ...), so the HF path feeds the model what vLLM builds from the
-same placeholder.  Each sample's prompt is processed on its own and the batch is collated here
-(vision tensors concatenated, text padded), and the response is tokenised separately and
-appended, so a response's tokens are the same whether it is generated, scored for DPO or used
-as an SFT target.
+Qwen3-VL, `<video>`*n for LLaVA, ...) and batches the vision tensors, so the HF path feeds the
+model what vLLM builds from the same placeholder.  The response is tokenised separately and
+appended to the expanded prompt, so a response's tokens are the same whether it is generated,
+scored for DPO or used as an SFT target.
 """
 
 from __future__ import annotations
@@ -143,16 +142,26 @@ class VideoLM:
     def prompt_text(self, question: str, system: str | None = None) -> str:
         return chat_prompt(self.processor, question, system)
 
+    def _process(self, clips, questions, fps, system, padding_side: str) -> dict:
+        """One processor call over the batch: transformers expands each prompt's placeholder for its
+        clip, pads the text on `padding_side` and batches the vision tensors its own way."""
+        if not (len(clips) == len(questions) == len(fps)):
+            raise ValueError(f"got {len(clips)} clips, {len(questions)} questions and {len(fps)} fps values")
+        metas, videos = [], []
+        for c, f in zip(clips, fps):
+            c = np.asarray(c)
+            if c.ndim != 4 or c.shape[-1] != 3:
+                raise ValueError(f"frames must be uint8 (T, H, W, 3), got shape {c.shape}")
+            videos.append(c)
+            metas.append({k: v for k, v in video_metadata(*c.shape[:3], f).items() if k != "do_sample_frames"})
+        texts = [self.prompt_text(q, system) for q in questions]
+        special = {adds_special_tokens(self.tokenizer, t) for t in texts}  # one template: one answer
+        return dict(self.processor(text=texts, videos=videos, video_metadata=metas, return_tensors="pt",
+                                   padding=True, padding_side=padding_side, add_special_tokens=special.pop()))
+
     def prompt_inputs(self, frames, question: str, fps: float | None = None, system: str | None = None) -> dict:
         """One sample's processor output: token ids with the video expanded, and its vision tensors."""
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 (T, H, W, 3), got shape {frames.shape}")
-        t, h, w = frames.shape[:3]
-        meta = {k: v for k, v in video_metadata(t, h, w, fps).items() if k != "do_sample_frames"}
-        text = self.prompt_text(question, system)
-        return dict(self.processor(text=[text], videos=[frames], video_metadata=[meta], return_tensors="pt",
-                                   add_special_tokens=adds_special_tokens(self.tokenizer, text)))
+        return self._process([frames], [question], [fps], system, "left")
 
     def prompt_ids(self, question: str, frames, fps: float | None = None, system: str | None = None) -> list[int]:
         """Token ids of the prompt with the video placeholder expanded for these frames."""
@@ -167,7 +176,8 @@ class VideoLM:
 
     # ------------------------------------------------------------------ batches
 
-    def _collate(self, samples: list[dict], rows: list[list[int]], left_pad: bool) -> dict[str, torch.Tensor]:
+    def _with_text(self, processed: dict, rows: list[list[int]], left_pad: bool) -> dict[str, torch.Tensor]:
+        """The processor's vision tensors with these token rows, padded."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -175,47 +185,33 @@ class VideoLM:
             sl = slice(width - len(r), width) if left_pad else slice(0, len(r))
             ids[i, sl] = torch.tensor(r)
             attn[i, sl] = 1
-        inputs = {"input_ids": ids, "attention_mask": attn}
-        if "mm_token_type_ids" in samples[0]:  # Qwen: 0 text, 1 image, 2 video (transformers 5)
+        inputs = {k: v for k, v in processed.items() if k not in TEXT_KEYS}
+        inputs.update(input_ids=ids, attention_mask=attn)
+        if "mm_token_type_ids" in processed:  # Qwen: 0 text, 1 image, 2 video (transformers 5)
             inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids(ids.tolist()))
-        for key in samples[0]:
-            if key not in TEXT_KEYS:
-                inputs[key] = _concat([s[key] for s in samples], key)
         return inputs
 
     def generation_batch(self, clips, questions, fps=None, system=None) -> Batch:
         """Left-padded prompts (one per clip) ready for `generate`."""
         fps = fps if isinstance(fps, (list, tuple)) else [fps] * len(clips)
-        samples = [self.prompt_inputs(c, q, f, system) for c, q, f in zip(clips, questions, fps)]
-        rows = [s["input_ids"][0].tolist() for s in samples]
-        return Batch(self._collate(samples, rows, left_pad=True))
+        processed = self._process(clips, questions, fps, system, "left")
+        inputs = {k: v for k, v in processed.items() if k != "token_type_ids"}
+        return Batch(inputs)
 
     def scoring_batch(self, clips, questions, responses, fps=None, system=None) -> Batch:
         """Right-padded prompt+response sequences and a mask of the response tokens."""
         fps = fps if isinstance(fps, (list, tuple)) else [fps] * len(clips)
-        samples, rows, spans = [], [], []
-        for c, q, r, f in zip(clips, questions, responses, fps):
-            s = self.prompt_inputs(c, q, f, system)
-            p, a = s["input_ids"][0].tolist(), self.response_ids(r)
-            samples.append(s)
+        processed = self._process(clips, questions, fps, system, "right")
+        rows, spans = [], []
+        for ids, attn, r in zip(processed["input_ids"], processed["attention_mask"], responses):
+            p, a = ids[attn.bool()].tolist(), self.response_ids(r)
             rows.append(p + a)
             spans.append((len(p), len(p) + len(a)))
-        inputs = self._collate(samples, rows, left_pad=False)
+        inputs = self._with_text(processed, rows, left_pad=False)
         mask = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
         for i, (a, b) in enumerate(spans):
             mask[i, a:b] = True
         return Batch(inputs, mask)
-
-
-def _concat(values: list, key: str) -> torch.Tensor:
-    """One sample's vision tensors after another: every family's processor output concatenates
-    along dim 0 (flattened patches, grids, (1, T, ...) clips, per-frame images)."""
-    values = [v if torch.is_tensor(v) else torch.as_tensor(v) for v in values]
-    shapes = {tuple(v.shape[1:]) for v in values}
-    if len(shapes) > 1:
-        raise ValueError(f"{key}: the clips of one batch give differently shaped inputs {sorted(shapes)}; "
-                         "decode every clip to the same number of frames and size (data.num_frames, data.frame_size)")
-    return torch.cat(values, dim=0)
 
 
 def sequence_logps(model, batch: Batch, average: bool = False) -> torch.Tensor:

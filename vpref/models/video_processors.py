@@ -101,12 +101,12 @@ def _metadata(videos: list[torch.Tensor], video_metadata) -> list:
     return out
 
 
-def _base():
-    return export_video_processor_mixin()
+VideoProcessorMixin = export_video_processor_mixin()
 
 
-class _TorchVideoProcessorBase(_base()):
-    """Shared plumbing: kwargs in, `BatchFeature` of torch tensors out, metadata passed through."""
+class _TorchVideoProcessorBase(VideoProcessorMixin):
+    """Shared plumbing: videos in, a `BatchFeature` of torch tensors out (whatever return_tensors
+    asks), metadata passed through when asked for."""
 
     genuine = ""  # the transformers class this one stands in for (its name is what gets saved)
     CONFIG_KEYS: tuple[str, ...] = ()
@@ -130,6 +130,9 @@ class _TorchVideoProcessorBase(_base()):
         if do_sample_frames:
             raise ValueError(f"{type(self).__name__}: frames arrive sampled (by vpref's decoder); "
                              "do_sample_frames must be False")
+        if kwargs:  # per-call overrides would silently not apply: refuse them
+            raise ValueError(f"{type(self).__name__} takes no per-call {sorted(kwargs)}; set them in the "
+                             "checkpoint's video processor config (processor_config.json)")
         clips = [_uint8_tchw(v) for v in _batched(videos)]
         data = self.transform(clips)
         if return_metadata if return_metadata is not None else self.return_metadata:
@@ -204,8 +207,12 @@ class TorchVideoProcessor(_TorchVideoProcessorBase):
                 top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
                 x = x[..., top:top + ch, left:left + cw]
             out.append(_rescale_normalize(x, self))
-        same = len({tuple(v.shape) for v in out}) == 1
-        return {"pixel_values_videos": torch.stack(out) if same else out}
+        shapes = sorted({tuple(v.shape) for v in out})
+        if len(shapes) > 1:
+            raise ValueError(f"{type(self).__name__}: the clips of one batch give differently shaped frames {shapes}; "
+                             "decode every clip to the same number of frames and size (data.num_frames, "
+                             "data.frame_size)")
+        return {"pixel_values_videos": torch.stack(out)}
 
 
 def _rescale_normalize(x: torch.Tensor, p) -> torch.Tensor:
