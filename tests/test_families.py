@@ -174,6 +174,27 @@ def test_a_member_of_the_wrong_family_or_an_unknown_one_is_refused(family_ckpts,
         VideoLM.load(tmp_path)
 
 
+def test_torch_only_video_processors_refuse_what_they_would_silently_get_wrong(vlms):
+    from vpref.models.families.llava_next_video import TorchLlavaNextVideoVideoProcessor
+
+    frames = np.zeros((8, 64, 64, 3), np.uint8)
+    proc = vlms["llava_onevision"].processor.video_processor
+    with pytest.raises(ValueError, match="do_sample_frames must be False"):
+        proc(frames, do_sample_frames=True)
+    with pytest.raises(ValueError, match=r"takes no per-call \['size'\]"):
+        proc(frames, size={"height": 32, "width": 32})
+    with pytest.raises(ValueError, match="differently shaped frames"):
+        proc([frames, frames[:4]])
+    with pytest.raises(ValueError, match="resample=1 has no torch kernel"):
+        TorchLlavaNextVideoVideoProcessor(resample=1)(frames)
+    with pytest.raises(ValueError, match=r"uint8 frames \(T, H, W, 3\)"):
+        proc(frames[..., 0])
+    # Shortest edge, then the centre crop: 96x128 -> 64x85 -> the middle 64 columns.
+    out = TorchLlavaNextVideoVideoProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})(
+        np.zeros((2, 96, 128, 3), np.uint8))["pixel_values_videos"]
+    assert out.shape == (1, 2, 3, 64, 64)
+
+
 def test_the_card_breaks_the_win_rate_down_by_model_family(family_ckpts, tmp_path):
     from vpref.data.card import card_stats, write_card
     from vpref.data.schema import Judgment, Pair, Response, write_shard
@@ -308,9 +329,10 @@ VLLM_FAMILIES = [f for f in FAMILIES if get_family(f).vllm_video]
         reason="transformers keeps the template's <|vision_start|>...<|vision_end|> around Qwen3-VL's expansion, "
                "vLLM replaces it: vllm-project/vllm#46817 (open)", strict=False)) if f == "qwen3_vl" else f
     for f in VLLM_FAMILIES])
-def test_vllm_runs_the_hf_paths_prompt_tokens(family, tiny_tokenizer, clips, tmp_path):
-    """The engine's prompt after its own expansion is token for token the HF path's (3m models:
-    head_dim 64, which vLLM's attention kernels take)."""
+def test_vllm_runs_the_hf_paths_prompt_tokens_and_reloads_in_place(family, tiny_tokenizer, clips, tmp_path):
+    """The engine's prompt after its own expansion is token for token the HF path's, and the
+    engine reloads a checkpoint of the family in place (3m models: head_dim 64, which vLLM's
+    attention kernels take)."""
     from vpref.actors.backends import GenRequest
     from vpref.actors.vllm_backend import VLLMBackend
     from vpref.config import VLLMConfig
@@ -326,8 +348,23 @@ def test_vllm_runs_the_hf_paths_prompt_tokens(family, tiny_tokenizer, clips, tmp
         outs = engine.llm.generate(engine.build_prompts(reqs), SamplingParams(max_tokens=1), use_tqdm=False)
         hf = VideoLM(None, engine.processor, path, family)
         assert [list(o.prompt_token_ids) for o in outs] == [hf.prompt_ids(r.question, r.frames, r.fps) for r in reqs]
-        answers = engine.generate(reqs, SamplingConfig(temperature=0, max_new_tokens=8), seed=0)
-        assert [len(a) for a in answers] == [1, 1, 1]
+        # In-place reload into the engine: a perturbed twin changes the greedy tokens, the original restores them.
+        from vpref.train.checkpoint import load_state_dict, save_state_dict
+
+        g = torch.Generator().manual_seed(1)
+        twin = save_state_dict({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                                for k, v in load_state_dict(path).items()}, path, tmp_path / f"{family}-b")
+
+        def greedy():
+            res = engine.llm.generate(engine.build_prompts(reqs), SamplingParams(temperature=0, max_tokens=8),
+                                      use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in res]
+
+        llm, before = engine.llm, greedy()
+        r = engine.load_weights(str(twin))
+        assert engine.llm is llm and r["tensors"] > 0 and greedy() != before
+        engine.load_weights(str(path))
+        assert greedy() == before
     finally:
         del engine
 
