@@ -255,8 +255,8 @@ def test_the_three_family_gpu_recipe_and_the_smollm2_demo_config():
 @pytest.mark.slow
 def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, world, sft_zoo, tmp_path):
     """Data from a two-family zoo (the LLaVA-OneVision policy beside a Qwen2.5-VL member), its
-    reference log-probs from the policy's own actor, DPO on Ray Train, ExPO, and the result
-    reloaded in place into the policy's actor, which now prefers the chosen answers more."""
+    reference log-probs from the policy's own actor, DPO on Ray Train (DDP, 2 workers), ExPO, and
+    the result reloaded in place into the policy's actor, which now prefers the chosen answers more."""
     from vpref.actors.vllm_weights import vision_tensors_equal
     from vpref.build import DataEngine
     from vpref.config import load_config
@@ -276,7 +276,7 @@ def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, wor
         f" {{name: qwen, path: '{sft_zoo}/policy', family: qwen2_5_vl, batch_size: 8, resources: {{num_cpus: 0.5}},"
         f" sampling: {{temperature: 0.7, n: 1, max_new_tokens: 16}}}}]",
         "judge.pool.min=1", "judge.pool.max=1", "judge.pool.batch_size=8", "pairs.min_margin=0.1",
-        "dpo.num_workers=1", "dpo.epochs=2", "dpo.batch_size=8", "dpo.lr=3e-3", "dpo.freeze_vision=true",
+        "dpo.num_workers=2", "dpo.epochs=2", "dpo.batch_size=4", "dpo.lr=3e-3",
     ])
     engine = DataEngine(cfg, out / "state")
     try:
@@ -304,11 +304,14 @@ def test_a_llava_onevision_policy_completes_a_round(ray_local, family_ckpts, wor
         new = {r[0]: r[1] - r[2] for r in ray.get(actor.score_pairs.remote(rows, cfg.data.model_dump(), 16))}
         gain = [new[r["pair_id"]] - (r["ref_chosen_logp"] - r["ref_rejected_logp"]) for r in rows]
         assert np.mean(gain) > 0 and np.mean(np.array(gain) > 0) > 0.5
-        # freeze_vision kept the SigLIP tower; the language model and projector moved.
-        prefixes = get_family("llava_onevision").vision_prefixes
-        assert vision_tensors_equal(policy, theta, prefixes)
+        # DDP on 2 workers: the tower's post-layernorm, which video features never reach, was frozen
+        # (DDP refuses parameters without gradient); everything else the loss reaches moved.
         a, b = load_state_dict(policy), load_state_dict(theta)
-        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("multi_modal_projector."))
+        moved = {k for k in a if not torch.equal(a[k], b[k])}
+        assert not any("post_layernorm" in k for k in moved)
+        assert any(k.startswith("multi_modal_projector.") for k in moved)
+        assert any(k.startswith("vision_tower.encoder.") for k in moved)
+        assert not vision_tensors_equal(policy, theta, get_family("llava_onevision").vision_prefixes)
         clip = decode_video(rows[0]["video"], 8)
         (answer,) = ray.get(actor.generate.remote([clip], [rows[0]["prompt"]], None, 0))
         assert len(answer) == 2 and all(c.finish_reason in ("stop", "length") for c in answer)  # the member's n

@@ -88,6 +88,26 @@ def pair_loss(model, batch, rows: list[dict], cfg: DPOConfig):
                     cfg.nll_coef)
 
 
+def freeze_unused(model, batch) -> list[str]:
+    """Freeze the trainable parameters a video forward leaves without gradient, and name them.
+
+    Some families' towers have parameters video inputs never reach (SigLIP/CLIP's post-layernorm
+    and any layer past `vision_feature_layer`, LLaVA-NeXT-Video's image newline).  DDP refuses
+    such parameters (`find_unused_parameters=False`) and ZeRO's gradient buckets wait for them;
+    they would get no gradient anyway, so freezing them leaves training unchanged.  One probe
+    forward + backward on a real batch finds them, whatever the family or LoRA setup."""
+    from vpref.models.video_lm import sequence_logps
+
+    model.zero_grad(set_to_none=True)
+    sequence_logps(model, batch).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
 # --------------------------------------------------------------------------- reference log-probs
 
 
@@ -181,7 +201,7 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from vpref.models.video_lm import VideoLM
-    from vpref.utils import quiet_libraries
+    from vpref.utils import log, quiet_libraries
 
     quiet_libraries()
     cfg, data = DPOConfig.model_validate(config["dpo"]), DataConfig.model_validate(config["data"])
@@ -217,6 +237,14 @@ def train_loop(config: dict) -> None:
                                                target_modules=cfg.lora.target_modules))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    clips = _Clips(data)
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
+    if cfg.strategy == "ddp" and world > 1:  # DDP refuses parameters that get no gradient
+        model.to(device or "cpu")
+        probe = pair_batch(VideoLM(model, processor, config["init"], family), clips, shard[:2])
+        unused = freeze_unused(model, probe.to(device or "cpu"))
+        if unused and rank == 0:
+            log(f"dpo: {len(unused)} parameters get no gradient from video inputs, frozen: {unused[:4]}")
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, resumed_from = 0, None
@@ -229,7 +257,6 @@ def train_loop(config: dict) -> None:
         if cfg.strategy == "ddp":
             model.load_state_dict(torch.load(state_dir / "model_state.pt", weights_only=True))
 
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
     if cfg.strategy == "deepspeed":
         import deepspeed
 
@@ -248,7 +275,6 @@ def train_loop(config: dict) -> None:
             opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
     model_device = next(unwrapped.parameters()).device
     vlm = VideoLM(forward_model, processor, config["init"], family)
-    clips = _Clips(data)
     warmup = int(cfg.warmup_ratio * total)
     metrics_file = progress / "metrics.jsonl"
 
