@@ -95,7 +95,8 @@ def freeze_unused(model, batch) -> list[str]:
     and any layer past `vision_feature_layer`, LLaVA-NeXT-Video's image newline).  DDP refuses
     such parameters (`find_unused_parameters=False`) and ZeRO's gradient buckets wait for them;
     they would get no gradient anyway, so freezing them leaves training unchanged.  One probe
-    forward + backward on a real batch finds them, whatever the family or LoRA setup."""
+    forward + backward on a real batch finds them, whatever the family or LoRA setup (the
+    training loop runs it before wrapping the model for more than one worker)."""
     from vpref.models.video_lm import sequence_logps
 
     model.zero_grad(set_to_none=True)
@@ -239,7 +240,9 @@ def train_loop(config: dict) -> None:
         model.gradient_checkpointing_enable()
     clips = _Clips(data)
     device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
-    if cfg.strategy == "ddp" and world > 1:  # DDP refuses parameters that get no gradient
+    # DDP refuses parameters that get no gradient, and ZeRO-1/2's buckets wait for them
+    # (deepspeedai/DeepSpeed#777); ZeRO-3 partitions first, so the full model is never on one device.
+    if world > 1 and (cfg.strategy == "ddp" or cfg.zero_stage < 3):
         model.to(device or "cpu")
         probe = pair_batch(VideoLM(model, processor, config["init"], family), clips, shard[:2])
         unused = freeze_unused(model, probe.to(device or "cpu"))
