@@ -133,11 +133,11 @@ class VprefVideo:
     """train_loop's loop body (grad_accum 1, one process), on video pairs."""
 
     def __init__(self, path: str, cfg, clips: _Clips, total: int, progress: Path):
-        model, tok, pre, kind = _load_parts(path)
+        model, processor, family = _load_parts(path)
         self.cfg, self.clips, self.total, self.progress = cfg, clips, total, progress
         self.model, self.params = model, _params(model)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.vlm = VideoLM(model, tok, pre, path, kind)
+        self.vlm = VideoLM(model, processor, path, family)
         self.device = next(model.parameters()).device
         self.warmup = int(cfg.warmup_ratio * total)
         self.progress.mkdir(parents=True, exist_ok=True)
@@ -194,8 +194,8 @@ class VprefText:
     """vpref's functions (logps_and_counts, dpo_loss) + clip + AdamW on a pre-built text batch."""
 
     def __init__(self, path: str, cfg, total: int):
-        model, tok, *_ = _load_parts(path)
-        self.cfg, self.model, self.tok, self.total = cfg, model, tok, total
+        model, processor, _ = _load_parts(path)
+        self.cfg, self.model, self.tok, self.total = cfg, model, processor.tokenizer, total
         self.params = _params(model)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.warmup = int(cfg.warmup_ratio * total)
@@ -300,10 +300,10 @@ def video_collator(vlm: VideoLM, clips: _Clips):
     return collate
 
 
-def video_records(tok, rows):
+def video_records(processor, rows):
     from vpref.models.video_lm import chat_prompt
 
-    return [{"prompt": chat_prompt(tok, r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
+    return [{"prompt": chat_prompt(processor, r["prompt"]), "chosen": r["chosen"], "rejected": r["rejected"],
              "video": r["video"], "question": r["prompt"], "answer_chosen": r["chosen"],
              "answer_rejected": r["rejected"]} for r in rows]
 
@@ -474,19 +474,20 @@ def run_point(size: str, path: str, b: int, rows: list[dict], cfg, data, clips: 
             else:
                 times["floor"].append(fl.step(fb))
 
-    _, ftok, fpre, fkind = _load_parts(path)
-    fl_vlm = VideoLM(fl.model, ftok, fpre, path, fkind)
-    trl_vlm_model, ttok, tpre, tkind = _load_parts(path)
-    coll = video_collator(VideoLM(trl_vlm_model, ttok, tpre, path, tkind), clips)
+    _, fproc, fam = _load_parts(path)
+    fl_vlm = VideoLM(fl.model, fproc, path, fam)
+    trl_vlm_model, tproc, _ = _load_parts(path)
+    coll = video_collator(VideoLM(trl_vlm_model, tproc, path, fam), clips)
     cb = _interleave_callback(video_side)
     try:
-        tr = trl_trainer(path, video_records(tok, used), b, n_steps, cfg, collator=coll, callbacks=[cb],
+        tr = trl_trainer(path, video_records(tproc, used), b, n_steps, cfg, collator=coll, callbacks=[cb],
                          workdir=str(workdir / "trl"))
         torch.set_num_threads(args.threads)
         if size not in logp_checks.setdefault("video", {}):
             # TRL's precomputed reference log-probs (its fused LM head, fed pixel_values_videos by the
             # user collator) vs vpref's score_pairs on the same pairs and the same initial weights
-            ours = score_pairs(VideoLM(*_load_parts(path)[:3], path, tkind), used[:2 * b], data, b)
+            m_ref, p_ref, _ = _load_parts(path)
+            ours = score_pairs(VideoLM(m_ref, p_ref, path, fam), used[:2 * b], data, b)
             trl_c = tr.train_dataset["ref_chosen_logps"][:2 * b]
             trl_r = tr.train_dataset["ref_rejected_logps"][:2 * b]
             d = max(max(abs(o[1] - c), abs(o[2] - r)) for o, c, r in zip(ours, trl_c, trl_r))

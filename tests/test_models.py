@@ -13,8 +13,14 @@ from vpref.models.video_lm import VideoLM, sequence_logps
 def test_tiny_checkpoint_is_a_real_qwen25vl_folder(tiny_ckpt, tiny_vlm):
     cfg = json.loads((tiny_ckpt / "config.json").read_text())
     assert cfg["model_type"] == "qwen2_5_vl"
-    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "video_preprocessor_config.json",
-            "preprocessor_config.json", "generation_config.json"} <= {p.name for p in tiny_ckpt.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "processor_config.json",
+            "generation_config.json"} <= {p.name for p in tiny_ckpt.iterdir()}
+    # The genuine class names, so AutoProcessor (and vLLM) build transformers' own processor.
+    proc = json.loads((tiny_ckpt / "processor_config.json").read_text())
+    assert proc["processor_class"] == "Qwen2_5_VLProcessor"
+    assert proc["video_processor"]["video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert proc["image_processor"]["image_processor_type"] == "Qwen2VLImageProcessor"
+    assert type(tiny_vlm.processor).__name__ == "Qwen2_5_VLProcessor"
     n = sum(p.numel() for p in tiny_vlm.model.parameters())
     assert 0.5e6 < n < 2e6
     assert type(tiny_vlm.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
@@ -23,9 +29,10 @@ def test_tiny_checkpoint_is_a_real_qwen25vl_folder(tiny_ckpt, tiny_vlm):
 
 
 def test_prompt_has_one_video_placeholder_per_video_token(tiny_vlm, clip):
-    ids = tiny_vlm.prompt_ids("What colour is the circle?", clip.frames.shape)
-    n_video = ids.count(tiny_vlm.video_token_id)
-    assert n_video == tiny_vlm.preprocessor.num_video_tokens(*clip.frames.shape[:3]) == 16
+    ids = tiny_vlm.prompt_ids("What colour is the circle?", clip.frames)
+    n_video = ids.count(tiny_vlm.processor.video_token_id)
+    pre = VideoPreprocessor.from_pretrained(tiny_vlm.path)
+    assert n_video == pre.num_video_tokens(*clip.frames.shape[:3]) == 16
     text = tiny_vlm.tokenizer.decode(ids)
     assert text.startswith("<|im_start|>user\n<|vision_start|>") and text.endswith("<|im_start|>assistant\n")
 
@@ -97,10 +104,9 @@ def test_save_reload_round_trip(tiny_vlm, clip, tmp_path):
     with torch.no_grad():
         before = tiny_vlm.model(**b.inputs).logits
     tiny_vlm.model.save_pretrained(tmp_path / "copy")
-    tiny_vlm.tokenizer.save_pretrained(tmp_path / "copy")
-    tiny_vlm.preprocessor.save_pretrained(tmp_path / "copy")
+    tiny_vlm.save_processor(tmp_path / "copy")
     again = VideoLM.load(tmp_path / "copy")
-    assert again.preprocessor == tiny_vlm.preprocessor
+    assert again.processor.video_processor.to_dict() == tiny_vlm.processor.video_processor.to_dict()
     b2 = again.scoring_batch([clip.frames], ["What colour is the circle?"], ["The circle is red."])
     assert torch.equal(b.inputs["input_ids"], b2.inputs["input_ids"])
     with torch.no_grad():
@@ -113,3 +119,26 @@ def test_unsupported_and_missing_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
         VideoLM.load(tmp_path)
+
+
+def test_a_checkpoint_in_the_older_qwen_layout_loads_the_same_processor(tiny_ckpt, tiny_vlm, clip, tmp_path):
+    """Hub Qwen2.5-VL checkpoints keep their processors in preprocessor_config.json (+ video_
+    preprocessor_config.json) and the chat template in chat_template.json, not transformers 5's
+    processor_config.json."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_ckpt, old)
+    nested = json.loads((old / "processor_config.json").read_text())
+    (old / "processor_config.json").unlink()
+    (old / "preprocessor_config.json").write_text(json.dumps(
+        {**nested["image_processor"], "min_pixels": 56 * 56, "max_pixels": 112 * 112}))
+    (old / "video_preprocessor_config.json").write_text(json.dumps(nested["video_processor"]))
+    template = (old / "chat_template.jinja").read_text()
+    (old / "chat_template.jinja").unlink()
+    (old / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    again = VideoLM.load(old)
+    assert again.processor.chat_template == template
+    a = tiny_vlm.prompt_inputs(clip.frames, "What colour is the circle?", clip.sampled_fps)
+    b = again.prompt_inputs(clip.frames, "What colour is the circle?", clip.sampled_fps)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

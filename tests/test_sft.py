@@ -13,7 +13,8 @@ def test_sft_trains_saves_reloads_and_reports_per_family(world, tmp_path):
         f"data.root={world}", f"data.train={world}/train.jsonl", f"data.dev={world}/dev.jsonl",
         f"sft.out={tmp_path}/sft", "sft.batch_size=8", "sft.warmup_steps=2", "sft.lr=5e-3",
         "sft.members=[{name: policy, size: 0.2m, steps: 40}, {name: same, size: 0.2m, steps: 0, init_from: policy},"
-        " {name: noisy, size: 0.2m, steps: 5, label_noise: 1.0, seed: 3}]",
+        " {name: noisy, size: 0.2m, steps: 5, label_noise: 1.0, seed: 3},"
+        " {name: llava, family: llava_onevision, size: 0.2m, steps: 5, seed: 4}]",
     ])
     report = run_sft(cfg)
     pol = report["members"]["policy"]
@@ -29,6 +30,11 @@ def test_sft_trains_saves_reloads_and_reports_per_family(world, tmp_path):
     noisy = VideoLM.load(tmp_path / "sft" / "noisy")
     assert not torch.equal(noisy.model.lm_head.weight, a.model.lm_head.weight)
     assert (tmp_path / "sft" / "sft.json").is_file()
+    # A member of another family: same vocabulary, its own processor and model class.
+    llava = VideoLM.load(tmp_path / "sft" / "llava")
+    assert report["members"]["llava"]["model_type"] == llava.kind == "llava_onevision"
+    assert type(llava.model).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert llava.tokenizer.get_vocab() == a.tokenizer.get_vocab()
 
 
 def test_label_noise_makes_answers_wrong_at_the_requested_rate(world):

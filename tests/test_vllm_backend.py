@@ -24,7 +24,7 @@ from vpref.actors import vllm_backend as vb
 from vpref.actors.backends import GenRequest
 from vpref.config import ResourcesConfig, SamplingConfig, VLLMConfig, ZooMember
 from vpref.models.processor import DEFAULT_FPS, VideoPreprocessor, smart_resize
-from vpref.models.video_lm import VIDEO_PAD, chat_prompt
+from vpref.models.video_lm import VideoLM, chat_prompt
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -142,27 +142,26 @@ def test_pixel_bounds_make_vllms_resize_match_the_preprocessor(cap):
 
 
 def test_video_prompt_is_the_hf_paths_prompt_before_expansion(ckpts, clips, tiny_tokenizer):
-    from vpref.models.video_lm import VideoLM
-
     path = ckpts["a"]
     pre = VideoPreprocessor.from_pretrained(path)
-    tok = vb._tokenizer(path)
+    proc = vb.family_of(path).load_processor(path)
+    tok = proc.tokenizer
     req = requests_for(clips)[0]
-    p = vb.video_prompt(tok, pre, req)
-    assert p["prompt_token_ids"] == tok(chat_prompt(tok, req.question), add_special_tokens=False)["input_ids"]
-    pad = tok.convert_tokens_to_ids(VIDEO_PAD)
+    p = vb.video_prompt(proc, req)
+    assert p["prompt_token_ids"] == tok(chat_prompt(proc, req.question), add_special_tokens=False)["input_ids"]
+    pad = proc.video_token_id
     assert p["prompt_token_ids"].count(pad) == 1  # vLLM expands it itself
     frames, meta = p["multi_modal_data"]["video"]
     assert frames.dtype == np.uint8 and frames.shape == req.frames.shape and frames.flags.c_contiguous
     assert meta["fps"] == pytest.approx(req.fps) and meta["total_num_frames"] == len(frames)
     assert "mm_processor_kwargs" not in p  # the tiny preprocessor does not cap per frame
     # Expanded to the number of video tokens, it is exactly what the HF path feeds the model.
-    hf = VideoLM(None, tok, pre, path, "qwen2_5_vl").prompt_ids(req.question, req.frames.shape)
+    hf = VideoLM(None, proc, path, "qwen2_5_vl").prompt_ids(req.question, req.frames, req.fps)
     n = pre.num_video_tokens(*req.frames.shape[:3])
     i = p["prompt_token_ids"].index(pad)
     assert p["prompt_token_ids"][:i] + [pad] * n + p["prompt_token_ids"][i + 1:] == hf
     with pytest.raises(ValueError, match="uint8"):
-        vb.video_prompt(tok, pre, GenRequest(np.zeros((8, 64, 64)), 2.0, "q"))
+        vb.video_prompt(proc, GenRequest(np.zeros((8, 64, 64)), 2.0, "q"))
 
 
 def test_stop_tokens_include_the_end_of_turn(ckpts):
@@ -368,14 +367,11 @@ def ids(backend, reqs) -> list[list[int]]:
 def test_generate_for_video_prompts(engine, clips, ckpts):
     from vllm import SamplingParams
 
-    from vpref.models.video_lm import VideoLM
-
     reqs = requests_for(clips)
-    # vLLM expanded the placeholder to exactly the HF path's number of video tokens.
-    pre, tok = engine.preprocessor, engine.tokenizer
+    # vLLM expanded the placeholder to exactly the HF path's prompt.
     outs = engine.llm.generate(engine.build_prompts(reqs), SamplingParams(max_tokens=1), use_tqdm=False)
-    hf = VideoLM(None, tok, pre, ckpts["a"], "qwen2_5_vl")
-    assert [len(o.prompt_token_ids) for o in outs] == [len(hf.prompt_ids(r.question, r.frames.shape)) for r in reqs]
+    hf = VideoLM(None, engine.processor, ckpts["a"], "qwen2_5_vl")
+    assert [list(o.prompt_token_ids) for o in outs] == [hf.prompt_ids(r.question, r.frames, r.fps) for r in reqs]
 
     out = engine.generate(reqs, SamplingConfig(temperature=0, n=2, max_new_tokens=12), seed=0)
     assert [len(o) for o in out] == [2, 2, 2] and all(o[0] == o[1] for o in out)  # greedy: copies

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vpref.models.families import SUPPORTED as MODEL_FAMILIES
+
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names key, value and fix."""
@@ -107,9 +109,21 @@ class VLLMConfig(_Section):
     limit_videos_per_prompt: int = F(1, "videos per prompt the engine reserves memory for", ge=1)
 
 
+def _check_family(family: str | None) -> str | None:
+    if family is not None and family not in MODEL_FAMILIES:
+        near = [f for f in sorted(MODEL_FAMILIES) if family in f] or difflib.get_close_matches(
+            family, sorted(MODEL_FAMILIES), n=1)
+        hint = f" (did you mean {' or '.join(repr(f) for f in near)}?)" if near else ""
+        raise ValueError(f"unknown model family {family!r}{hint}; supported: {sorted(MODEL_FAMILIES)}")
+    return family
+
+
 class ZooMember(_Section):
     name: str = F("policy", "unique name of this generator (actor names are gen-<name>-<i>)")
     path: str = F("runs/demo/sft/policy", "Hugging Face checkpoint folder of the model")
+    family: str | None = F(
+        None, "model family the checkpoint must be (its config.json model_type, e.g. qwen2_5_vl, llava_onevision, "
+        "internvl); null: whatever the checkpoint says. Checked when the model loads")
     backend: Literal["hf", "vllm"] = F("hf", "generation backend: hf (CPU/GPU) or vllm (GPU only)")
     policy: bool = F(False, "this member is the policy being trained (reloaded every round)")
     role: Literal["generator", "captioner"] = F(
@@ -122,31 +136,57 @@ class ZooMember(_Section):
     resources: ResourcesConfig = FL(ResourcesConfig, "Ray resources of each replica")
     vllm: VLLMConfig = FL(VLLMConfig, "vLLM engine options (backend: vllm)")
 
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v):
+        return _check_family(v)
+
 
 def _demo_zoo() -> list[ZooMember]:
+    """Two families: Qwen2.5-VL (the policy and a stronger sibling) and LLaVA-OneVision."""
     s = "runs/demo/sft"
     return [
-        ZooMember(name="policy", path=f"{s}/policy", policy=True,
+        ZooMember(name="policy", path=f"{s}/policy", family="qwen2_5_vl", policy=True,
                   sampling=SamplingConfig(temperature=1.0, n=2)),
-        ZooMember(name="strong", path=f"{s}/strong", sampling=SamplingConfig(temperature=0.7, n=1)),
-        ZooMember(name="noisy", path=f"{s}/noisy", sampling=SamplingConfig(temperature=1.0, n=1)),
+        ZooMember(name="strong", path=f"{s}/strong", family="qwen2_5_vl", sampling=SamplingConfig(temperature=0.7, n=1)),
+        ZooMember(name="noisy", path=f"{s}/noisy", family="llava_onevision",
+                  sampling=SamplingConfig(temperature=1.0, n=1)),
     ]
 
 
 class SFTMember(_Section):
     name: str = F("policy", "folder name of this checkpoint under sft.out")
-    size: str = F("1m", "tiny Qwen2.5-VL size: 0.2m, 1m, 3m or 5m parameters")
+    family: str = F("qwen2_5_vl", "model family (model_type): qwen2_vl, qwen2_5_vl, qwen3_vl, llava_onevision, "
+                    "llava_next_video or internvl")
+    size: str = F("1m", "tiny model size: 0.2m, 1m, 3m or 5m parameters (text_model: the vision tower's size)")
+    text_model: Literal["smollm2"] | None = F(
+        None, "start the language model from a pretrained one instead of random: smollm2 (SmolLM2-135M-Instruct "
+        "inside a LLaVA-OneVision; family llava_onevision); fluent from the start, ~50x slower per step")
     steps: int = F(300, "optimizer steps", ge=0)
+    lr: float | None = F(None, "this member's peak learning rate (null: sft.lr; a pretrained text model wants ~1e-4)",
+                         gt=0)
     label_noise: float = F(0.0, "fraction of training answers replaced by a wrong one", ge=0, le=1)
     seed: int = F(0, "initialisation and shuffling seed")
     init_from: str | None = F(None, "start from an earlier member's weights (a longer-trained sibling) instead of random")
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v):
+        return _check_family(v)
+
+    @model_validator(mode="after")
+    def _check_text_model(self):
+        if self.text_model == "smollm2" and self.family != "llava_onevision":
+            raise ValueError(f"text_model smollm2 is built as a LLaVA-OneVision; set family: llava_onevision "
+                             f"(got {self.family})")
+        return self
 
 
 def _demo_sft_members() -> list[SFTMember]:
     return [
         SFTMember(name="policy", size="1m", steps=100),
         SFTMember(name="strong", size="1m", steps=300, seed=1, init_from="policy"),
-        SFTMember(name="noisy", size="1m", steps=150, label_noise=0.3, seed=2),
+        SFTMember(name="noisy", family="llava_onevision", size="1m", steps=150, label_noise=0.3, seed=2),
     ]
 
 
@@ -168,6 +208,10 @@ class SFTConfig(_Section):
                 raise ValueError(f"member names must be unique; {m.name!r} repeats")
             if m.init_from and m.init_from not in names[:i]:
                 raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} must name an earlier member {names[:i]}")
+            src = next((x for x in self.members if x.name == m.init_from), None)
+            if src is not None and (src.family, src.text_model) != (m.family, m.text_model):
+                raise ValueError(f"member {m.name!r}: init_from {m.init_from!r} is a {src.family} "
+                                 f"(text_model {src.text_model}); {m.name!r} must be the same")
         return self
 
 

@@ -81,20 +81,19 @@ def pair_rows(world: Path, n: int) -> list[dict]:
 
 def tokens_per_pair(ckpt: Path, rows: list[dict], data) -> float:
     """Mean real tokens of chosen + rejected sequences, exactly as the trainer builds them."""
-    from transformers import AutoTokenizer
-
     from vpref.data.video import decode_video
-    from vpref.models.processor import VideoPreprocessor
-    from vpref.models.video_lm import VideoLM, model_type
+    from vpref.models.families import family_of
+    from vpref.models.video_lm import VideoLM
 
-    vlm = VideoLM(None, AutoTokenizer.from_pretrained(ckpt), VideoPreprocessor.from_pretrained(ckpt), ckpt,
-                  model_type(ckpt))
-    shapes: dict[str, tuple] = {}
+    family = family_of(ckpt)
+    vlm = VideoLM(None, family.load_processor(ckpt), ckpt, family)
+    shapes: dict = {}  # video -> decoded Clip
     total = 0
     for r in rows:
         if r["video"] not in shapes:
-            shapes[r["video"]] = decode_video(r["video"], data.num_frames, data.frame_size, timeout_s=None).frames.shape
-        prompt = len(vlm.prompt_ids(r["prompt"], shapes[r["video"]]))
+            shapes[r["video"]] = decode_video(r["video"], data.num_frames, data.frame_size, timeout_s=None)
+        clip = shapes[r["video"]]
+        prompt = len(vlm.prompt_ids(r["prompt"], clip.frames, clip.sampled_fps))
         total += 2 * prompt + len(vlm.response_ids(r["chosen"])) + len(vlm.response_ids(r["rejected"]))
     return total / len(rows)
 

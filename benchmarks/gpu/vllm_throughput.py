@@ -93,20 +93,21 @@ def vllm_config(args):
 
 def run_offline(args, ckpt: Path) -> dict:
     import vllm
-    from transformers import AutoTokenizer
 
     from vpref.actors.backends import GenRequest
     from vpref.actors.vllm_backend import engine_kwargs, sampling_kwargs, stop_token_ids, video_prompt
-    from vpref.models.processor import VideoPreprocessor
+    from vpref.models.families import family_of
 
     clips, questions, videos = inputs(args)
-    pre, tok = VideoPreprocessor.from_pretrained(ckpt), AutoTokenizer.from_pretrained(ckpt)
-    stops, s = stop_token_ids(tok, ckpt), sampling(args)
-    prompts = [video_prompt(tok, pre, GenRequest(c.frames, c.sampled_fps, q)) for c, q in zip(clips, questions)]
+    family = family_of(ckpt)
+    proc = family.load_processor(ckpt)
+    stops, s = stop_token_ids(proc.tokenizer, ckpt, proc.chat_template), sampling(args)
+    prompts = [video_prompt(proc, GenRequest(c.frames, c.sampled_fps, q),
+                            family.vllm_prompt_mm_kwargs(ckpt, len(c.frames))) for c, q in zip(clips, questions)]
     params = [vllm.SamplingParams(**sampling_kwargs(s, args.seed, i, stops, args.ignore_eos)[0])
               for i in range(len(prompts))]
     t0 = time.perf_counter()
-    llm = vllm.LLM(**engine_kwargs(ckpt, args.dtype, vllm_config(args), pre))
+    llm = vllm.LLM(**engine_kwargs(ckpt, args.dtype, vllm_config(args), family))
     startup = time.perf_counter() - t0
     llm.generate(prompts[:args.warmup], params[:args.warmup], use_tqdm=False)
     t0 = time.perf_counter()

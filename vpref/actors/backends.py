@@ -5,7 +5,8 @@
     info() -> dict
 
 `HFBackend` runs transformers `generate` (CPU or GPU); `VLLMBackend` (vpref.actors.vllm_backend,
-GPU only) runs a vLLM engine.  The actor only hosts one and does not care which.
+GPU only) runs a vLLM engine.  The actor only hosts one and does not care which, nor which model
+family it serves (`vpref.models.families`: the checkpoint's model_type decides).
 """
 
 from __future__ import annotations
@@ -59,12 +60,26 @@ class HFBackend:
         return {"tensors": len(names), "seconds": time.perf_counter() - t0}
 
     def info(self) -> dict:
-        return {"backend": "hf", "path": self.path, "device": str(self.vlm.device),
+        return {"backend": "hf", "path": self.path, "device": str(self.vlm.device), "family": self.vlm.kind,
                 "params": sum(p.numel() for p in self.vlm.model.parameters())}
+
+
+def check_family(member) -> str:
+    """The checkpoint's model family; an error naming both when the member declares another."""
+    from vpref.models.families import get_family, model_type
+
+    kind = model_type(member.path)
+    get_family(kind, member.path)  # supported at all?
+    if member.family and kind != member.family:
+        raise ValueError(f"zoo member {member.name!r}: {member.path} is a {kind} checkpoint, the config says family "
+                         f"{member.family!r}; fix the path or the family")
+    return kind
 
 
 def make_backend(member) -> GeneratorBackend:
     """The backend a zoo member asks for."""
+    if member.backend in ("hf", "vllm"):
+        check_family(member)
     if member.backend == "hf":
         return HFBackend(member.path, member.dtype)
     if member.backend == "vllm":

@@ -1,5 +1,6 @@
 """The dataset card of a build: counts, score and margin histograms, parse-failure rate, win rate
-per zoo model, lengths of chosen vs rejected; README.md + card.json + a PNG in the folder."""
+per zoo model and per model family, lengths of chosen vs rejected; README.md + card.json + a PNG
+in the folder."""
 
 from __future__ import annotations
 
@@ -22,6 +23,36 @@ def _bars(rows: list[tuple[str, int]]) -> str:
     return "\n".join(f"    {label:>9} | {'#' * round(30 * c / top):30s} {c}" for label, c in rows)
 
 
+def model_families(resp) -> dict[str, str]:
+    """Zoo model name -> the model family (model_type) of the checkpoint it answered with."""
+    from vpref.models.families import model_type
+
+    out = {}
+    for model, path in resp.groupby("model").model_path.first().items() if len(resp) else []:
+        try:
+            out[model] = model_type(path)
+        except (OSError, ValueError):  # the checkpoint moved or is gone: the card still gets written
+            out[model] = "?"
+    return out
+
+
+def family_win_rates(win: dict, families: dict[str, str], resp, ok) -> dict:
+    """The per-model win table summed per model family; the mean judge score over the family's
+    judged responses."""
+    out: dict[str, dict] = {}
+    for model, w in win.items():
+        f = out.setdefault(families.get(model, "?"), {"models": [], "chosen": 0, "rejected": 0, "responses": 0})
+        f["models"].append(model)
+        for k in ("chosen", "rejected", "responses"):
+            f[k] += w[k]
+    for f in out.values():
+        scores = ok.merge(resp[resp.model.isin(f["models"])][["response_id"]], on="response_id").overall \
+            if len(ok) else []
+        f["win_rate"] = round(f["chosen"] / (f["chosen"] + f["rejected"]), 3) if f["chosen"] + f["rejected"] else None
+        f["mean_score"] = round(float(np.mean(scores)), 3) if len(scores) else None
+    return dict(sorted(out.items()))
+
+
 def card_stats(out_dir: str | Path) -> dict:
     out = Path(out_dir)
     resp = read_table(out, "responses").to_pandas()
@@ -38,6 +69,7 @@ def card_stats(out_dir: str | Path) -> dict:
         win[model] = {"chosen": c, "rejected": r, "win_rate": round(c / (c + r), 3) if c + r else None,
                       "mean_score": round(float(np.mean(scores)), 3) if len(scores) else None,
                       "responses": int((resp.model == model).sum())}
+    families = model_families(resp)
     score_edges = np.arange(1.0, 5.01, 0.5)
     margin_edges = np.arange(0.0, 4.01, 0.5)
     return {
@@ -55,6 +87,8 @@ def card_stats(out_dir: str | Path) -> dict:
         "score_histogram": _hist(ok.overall, score_edges) if len(ok) else [],
         "margin_histogram": _hist(pairs.margin, margin_edges) if len(pairs) else [],
         "win_rate": win,
+        "model_families": families,
+        "win_rate_by_family": family_win_rates(win, families, resp, ok),
         "mean_tokens": {"chosen": round(float(pairs.chosen_num_tokens.mean()), 2) if len(pairs) else None,
                         "rejected": round(float(pairs.rejected_num_tokens.mean()), 2) if len(pairs) else None},
         "failure_examples": judg[~judg.ok][["response_id", "error"]].head(5).to_dict("records") if n_judg else [],
@@ -70,8 +104,11 @@ def write_card(out_dir: str | Path, extra: dict | None = None) -> dict:
     _plot(out, stats)
     build = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
     win_rows = "\n".join(
-        f"| {m} | {w['responses']} | {w['mean_score']} | {w['chosen']} | {w['rejected']} | {w['win_rate']} |"
-        for m, w in stats["win_rate"].items())
+        f"| {m} | {stats['model_families'].get(m, '?')} | {w['responses']} | {w['mean_score']} | {w['chosen']} "
+        f"| {w['rejected']} | {w['win_rate']} |" for m, w in stats["win_rate"].items())
+    family_rows = "\n".join(
+        f"| {f} | {', '.join(w['models'])} | {w['responses']} | {w['mean_score']} | {w['chosen']} | {w['rejected']} "
+        f"| {w['win_rate']} |" for f, w in stats["win_rate_by_family"].items())
     text = f"""# Preference data (vpref build)
 
 Round {build.get('round', '?')}, policy version {build.get('policy_version', '?')}; judge `{build.get('judge', '?')}`,
@@ -89,9 +126,15 @@ Chosen scored above rejected in {stats['chosen_beats_rejected']} of the pairs. P
 
 ## Zoo models
 
-| model | responses | mean judge score | chosen | rejected | win rate |
-|---|---|---|---|---|---|
+| model | family | responses | mean judge score | chosen | rejected | win rate |
+|---|---|---|---|---|---|---|
 {win_rows}
+
+## Model families
+
+| family | models | responses | mean judge score | chosen | rejected | win rate |
+|---|---|---|---|---|---|---|
+{family_rows}
 
 Mean length in tokens: chosen {stats['mean_tokens']['chosen']}, rejected {stats['mean_tokens']['rejected']}.
 

@@ -1,4 +1,4 @@
-"""Batched Hugging Face `generate` over video questions."""
+"""Batched Hugging Face `generate` over video questions (any family: `VideoLM` builds the inputs)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ class Completion:
 def generate(vlm: VideoLM, clips, questions, sampling, fps=None, seed: int | None = None) -> list[list[Completion]]:
     """`sampling.n` completions per (clip, question).  `sampling` has temperature, top_p,
     max_new_tokens, n, seed (a `SamplingConfig`); temperature 0 means greedy."""
+    if not len(clips):
+        return []
     batch = vlm.generation_batch(clips, questions, fps).to(vlm.device)
     kwargs = dict(
         max_new_tokens=sampling.max_new_tokens,
         num_return_sequences=sampling.n,
-        eos_token_id=vlm.eos_id,
+        eos_token_id=vlm.stop_ids,
         pad_token_id=vlm.pad_id,
     )
     if sampling.temperature > 0:
@@ -35,9 +37,11 @@ def generate(vlm: VideoLM, clips, questions, sampling, fps=None, seed: int | Non
         out = vlm.model.generate(**batch.inputs, **kwargs)
     new = out[:, batch.inputs["input_ids"].shape[1]:].tolist()
     completions = []
+    stops = set(vlm.stop_ids)
     for row in new:
-        if vlm.eos_id in row:
-            row, reason = row[: row.index(vlm.eos_id)], "stop"
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        if end is not None:
+            row, reason = row[:end], "stop"
         else:
             row, reason = [t for t in row if t != vlm.pad_id], "length"
         completions.append(Completion(vlm.decode(row), len(row), reason))

@@ -1,4 +1,4 @@
-"""A torch-only Qwen2-VL / Qwen2.5-VL video preprocessor.
+"""The torch-only arithmetic of the Qwen2-VL / Qwen2.5-VL / Qwen3-VL video processors.
 
 transformers' `Qwen2VLVideoProcessor` needs torchvision, and on CPU-only machines the only
 torchvision on PyPI is a CUDA build that breaks every transformers model import.  This class
@@ -55,6 +55,9 @@ class VideoPreprocessor:
     rescale_factor: float = 1 / 255
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
+    # "qwen2": Qwen2-VL's smart_resize (the pixel budget is per frame); "qwen3": Qwen3-VL's (the
+    # budget counts the frames too, and the per-frame cap differs).
+    resize_rule: str = "qwen2"
 
     CONFIG_NAME = "video_preprocessor_config.json"
 
@@ -63,6 +66,15 @@ class VideoPreprocessor:
     def resized_hw(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         factor = self.patch_size * self.merge_size
         max_pixels = self.max_pixels
+        if self.resize_rule == "qwen3":
+            from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as qwen3_resize
+
+            if self.cap_pixels_per_frame:
+                per_frame = max(min(self.max_video_tokens * factor * factor, max_pixels // num_frames),
+                                int(self.min_pixels * 1.05))
+                max_pixels = per_frame * num_frames
+            return qwen3_resize(num_frames, height, width, temporal_factor=self.temporal_patch_size, factor=factor,
+                                min_pixels=self.min_pixels, max_pixels=max_pixels)
         if self.cap_pixels_per_frame:
             total = int(self.max_video_tokens * factor * factor * 0.9)
             max_pixels = max(min(max_pixels, total * self.temporal_patch_size // num_frames), int(self.min_pixels * 1.05))
@@ -120,72 +132,63 @@ class VideoPreprocessor:
 
     # ------------------------------------------------------------------ persistence
 
-    def to_hf_dict(self) -> dict:
-        """The config in the format transformers' Qwen2VLVideoProcessor saves and loads."""
+    def to_hf_dict(self, video_processor_type: str = "Qwen2VLVideoProcessor") -> dict:
+        """The config in the format transformers' Qwen2VL/Qwen3VL video processors save and load."""
         return {
-            "video_processor_type": "Qwen2VLVideoProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
+            "video_processor_type": video_processor_type,
             "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
             "patch_size": self.patch_size,
             "temporal_patch_size": self.temporal_patch_size,
             "merge_size": self.merge_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
             "rescale_factor": self.rescale_factor,
             "do_resize": True,
             "do_rescale": True,
             "do_normalize": True,
             "do_convert_rgb": True,
-            "do_sample_frames": False,
+            "do_sample_frames": False,  # vpref's decoder samples the frames
             "resample": 3,  # bicubic
             "cap_pixels_per_frame": self.cap_pixels_per_frame,
             "max_video_tokens": self.max_video_tokens,
         }
 
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / self.CONFIG_NAME).write_text(json.dumps(self.to_hf_dict(), indent=2))
-        # Image processor config too: vLLM and AutoProcessor build the full Qwen2.5-VL processor.
-        image_cfg = {
-            "image_processor_type": "Qwen2VLImageProcessor",
-            "processor_class": "Qwen2_5_VLProcessor",
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
-            "patch_size": self.patch_size,
-            "temporal_patch_size": self.temporal_patch_size,
-            "merge_size": self.merge_size,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
-        }
-        (path / "preprocessor_config.json").write_text(json.dumps(image_cfg, indent=2))
-
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "VideoPreprocessor":
-        """Read a checkpoint's video (or, failing that, image) preprocessor config."""
-        path = Path(path)
-        for name in (cls.CONFIG_NAME, "preprocessor_config.json"):
-            if (path / name).is_file():
-                cfg = json.loads((path / name).read_text())
-                break
-        else:
-            raise FileNotFoundError(
-                f"{path} has no {cls.CONFIG_NAME} or preprocessor_config.json: is it a Qwen2-VL checkpoint?"
-            )
+    def from_hf_dict(cls, cfg: dict, resize_rule: str = "qwen2") -> "VideoPreprocessor":
+        """From a Qwen video processor config, or (older checkpoints) the image processor's, which
+        spells the bounds min_pixels / max_pixels."""
         size = cfg.get("size") or {}
         kw = {
             "min_pixels": cfg.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels,
             "max_pixels": cfg.get("max_pixels") or size.get("longest_edge") or cls.max_pixels,
         }
-        if cfg.get("video_processor_type") and size:  # the video processor's own keys win
+        if cfg.get("video_processor_type") and size.get("shortest_edge"):  # the video processor's own keys win
             kw = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
         for k in ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor",
                   "max_video_tokens"):
-            if k in cfg:
+            if cfg.get(k) is not None:
                 kw[k] = cfg[k]
         kw["cap_pixels_per_frame"] = bool(cfg.get("cap_pixels_per_frame") or False)
-        return cls(**kw)
+        return cls(resize_rule=resize_rule, **kw)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, resize_rule: str | None = None) -> "VideoPreprocessor":
+        """Read a checkpoint's video processor config: the nested one in processor_config.json
+        (transformers 5), else video_preprocessor_config.json, else the image processor's."""
+        path = Path(path)
+        cfg = None
+        nested = path / "processor_config.json"
+        if nested.is_file():
+            cfg = json.loads(nested.read_text()).get("video_processor")
+        for name in (cls.CONFIG_NAME, "preprocessor_config.json"):
+            if cfg is None and (path / name).is_file():
+                cfg = json.loads((path / name).read_text())
+        if cfg is None:
+            raise FileNotFoundError(f"{path} has no video processor config (processor_config.json, {cls.CONFIG_NAME} "
+                                    "or preprocessor_config.json): is it a Qwen-VL checkpoint?")
+        if resize_rule is None:
+            resize_rule = "qwen3" if str(cfg.get("video_processor_type", "")).startswith("Qwen3") else "qwen2"
+        return cls.from_hf_dict(cfg, resize_rule)
 
     def describe(self) -> dict:
         return asdict(self)

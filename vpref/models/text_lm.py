@@ -1,15 +1,16 @@
 """A chat model used through text alone: the LLM judge's engine (HF backend).
 
 Any Hugging Face causal LM with a chat template works (SmolLM2, Llama, Qwen2.5), and so does a
-Qwen2-VL / Qwen2.5-VL checkpoint, which then reads the video through its caption only.
+checkpoint of any registered video-LLM family (`vpref.models.families`), which then reads the
+video through its caption only.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vpref.models.video_lm import SUPPORTED as VIDEO_FAMILIES
-from vpref.models.video_lm import model_type
+from vpref.models.families import SUPPORTED as VIDEO_FAMILIES
+from vpref.models.families import get_family, model_type
 
 
 class ChatLM:
@@ -39,7 +40,7 @@ class ChatLM:
                                                     add_generation_prompt=True) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(self.model.device) for k, v in enc.items()}
-        if self.kind in VIDEO_FAMILIES:  # text only: every token is of type text
+        if self.kind in VIDEO_FAMILIES and get_family(self.kind).mm_token_types:  # text only: all tokens are text
             enc["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"])
         kw = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.eos_ids)
         if temperature > 0:

@@ -1,18 +1,25 @@
-"""Tiny random-weight Qwen2.5-VL checkpoints, built locally (no model hub).
+"""Tiny random-weight video-LLM checkpoints of every family, built locally (no model hub).
 
-`build_tiny` trains a byte-level BPE tokenizer on the synthetic world's language (plus the
-judge rubrics), creates a Qwen2.5-VL of a few million parameters, and saves model, tokenizer,
-chat template and video preprocessor with `save_pretrained`, so the result loads through
-exactly the path a real Qwen2.5-VL checkpoint takes (`vpref.models.load_video_lm`).
+`build_tiny` trains (or reuses) a byte-level BPE tokenizer on the synthetic world's language (plus
+the judge rubrics), creates a model of a few million parameters of the family asked for
+(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, LLaVA-NeXT-Video, InternVL), and saves model,
+tokenizer, chat template and processor with `save_pretrained`: `processor_config.json` names the
+genuine processor classes, so the folder loads through exactly the path a real checkpoint of the
+family takes (`VideoLM.load` here, `AutoProcessor` + vLLM where torchvision is installed).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 
 import numpy as np
 
+from vpref.models.families.base import TINY_SIZES  # noqa: F401 (re-exported: the sizes vpref sft offers)
+
+# Every family's multimodal tokens are in the one shared vocabulary; each family's tokenizer
+# names the ones its processor reads (`tokenizer.video_token`, ...).
 SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",
@@ -22,30 +29,35 @@ SPECIAL_TOKENS = [
     "<|vision_pad|>",
     "<|image_pad|>",
     "<|video_pad|>",
+    "<image>",
+    "<video>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
 ]
 
-# Qwen2.5-VL's turn format; a video part becomes <|vision_start|><|video_pad|><|vision_end|>.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
-# name -> (text hidden, layers, heads, kv heads, mlp, vision hidden, vision depth, vision heads)
-TINY_SIZES = {
-    "0.2m": (64, 2, 2, 1, 128, 32, 1, 1),
-    "1m": (128, 4, 4, 2, 256, 64, 2, 2),
-    "3m": (256, 4, 4, 2, 512, 128, 2, 2),
-    "5m": (256, 6, 4, 2, 768, 128, 4, 2),
-}
+def chat_template(video_part: str, image_part: str = "<image>") -> str:
+    """The tiny checkpoints' turn format (Qwen's; SmolLM2 and InternVL use the same), with a
+    family's placeholder for video parts.  Content may be a string or a list of parts."""
+    return (
+        "{% for message in messages %}"
+        "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        f"{{% if part['type'] == 'video' %}}{video_part}"
+        f"{{% elif part['type'] == 'image' %}}{image_part}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}"
+        "<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# Qwen2.5-VL's turn format; a video part becomes <|vision_start|><|video_pad|><|vision_end|>.
+CHAT_TEMPLATE = chat_template("<|vision_start|><|video_pad|><|vision_end|>",
+                              "<|vision_start|><|image_pad|><|vision_end|>")
 
 
 def world_corpus(n_scenes: int = 400, seed: int = 0) -> list[str]:
@@ -63,6 +75,7 @@ def world_corpus(n_scenes: int = 400, seed: int = 0) -> list[str]:
             texts += [q, a]
     texts += [t for tpls in QUESTION_TEMPLATES.values() for t in tpls]
     texts += ["system\nuser\nassistant\n"] * 50  # chat-template role names become single tokens
+    texts += ["\n".join(f"Frame{i}: " for i in range(1, 17))] * 20  # InternVL's per-frame labels
     return texts
 
 
@@ -73,9 +86,9 @@ def rubric_corpus() -> list[str]:
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = 1024):
-    """A byte-level BPE tokenizer (any text encodes; the corpus' words become single tokens)."""
+    """A byte-level BPE tokenizer (any text encodes; the corpus' words become single tokens),
+    named for Qwen2.5-VL; `family_tokenizer` re-names it for another family."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -87,82 +100,62 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer=trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    hf.chat_template = CHAT_TEMPLATE
+    return family_tokenizer(tok, "qwen2_5_vl")
+
+
+def family_tokenizer(tokenizer, family: str):
+    """The shared vocabulary as a family's tokenizer: its named multimodal tokens (the processor
+    reads `tokenizer.video_token`, InternVL also `start_image_token`, ...) and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    from vpref.models.families import get_family
+
+    fam = get_family(family)
+    backend = copy.deepcopy(getattr(tokenizer, "backend_tokenizer", tokenizer))  # one per tokenizer object
+    image = "<|vision_start|><|image_pad|><|vision_end|>" if "<|image_pad|>" in fam.tokens.values() else "<image>"
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=None, eos_token="<|im_end|>",
+                                 pad_token="<|endoftext|>", extra_special_tokens=SPECIAL_TOKENS[1:], **fam.tokens)
+    hf.chat_template = chat_template(fam.template_video, image)
     hf.padding_side = "left"
     return hf
 
 
-def tiny_config(tokenizer, size: str = "1m"):
-    from transformers import Qwen2_5_VLConfig
+def tiny_config(tokenizer, size: str = "1m", family: str = "qwen2_5_vl"):
+    """The model config of a tiny checkpoint of `family`."""
+    from vpref.models.families import get_family
 
-    if size not in TINY_SIZES:
-        raise ValueError(f"unknown tiny size {size!r}; choose one of {sorted(TINY_SIZES)}")
-    hidden, layers, heads, kv, mlp, v_hidden, v_depth, v_heads = TINY_SIZES[size]
-    half = hidden // heads // 2  # M-RoPE sections must sum to head_dim / 2 (Qwen's 16:24:24 shape)
-    mrope = [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]
-    tid = tokenizer.convert_tokens_to_ids
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=mlp,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=4096,
-            bos_token_id=tid("<|endoftext|>"),
-            eos_token_id=tid("<|im_end|>"),
-            pad_token_id=tid("<|endoftext|>"),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-        ),
-        vision_config=dict(
-            depth=v_depth,
-            hidden_size=v_hidden,
-            intermediate_size=2 * v_hidden,
-            num_heads=v_heads,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            out_hidden_size=hidden,
-            window_size=56,
-            fullatt_block_indexes=[v_depth - 1],
-            tokens_per_second=2,
-        ),
-        image_token_id=tid("<|image_pad|>"),
-        video_token_id=tid("<|video_pad|>"),
-        vision_start_token_id=tid("<|vision_start|>"),
-        vision_end_token_id=tid("<|vision_end|>"),
-        tie_word_embeddings=True,
-    )
+    return get_family(family).tiny_config(family_tokenizer(tokenizer, family), size)
 
 
-def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, tokenizer=None, vocab_size: int = 1024) -> Path:
-    """Create and save a random-weight tiny Qwen2.5-VL; returns the checkpoint folder.
-
-    Pass `tokenizer` to share one vocabulary across several zoo members.
-    """
+def tiny_parts(tokenizer, family: str = "qwen2_5_vl", size: str = "1m", seed: int = 0, config=None):
+    """(model, processor) of a random tiny checkpoint; `config` overrides the family's tiny one."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    from vpref.models.processor import VideoPreprocessor
+    from vpref.models.families import get_family
+
+    fam = get_family(family)
+    tok = family_tokenizer(tokenizer, family)
+    config = config or fam.tiny_config(tok, size)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               do_sample=False)
+    return model, fam.tiny_processor(tok, config)
+
+
+def build_tiny(out_dir: str | Path, size: str = "1m", seed: int = 0, tokenizer=None, vocab_size: int = 1024,
+               family: str = "qwen2_5_vl") -> Path:
+    """Create and save a random-weight tiny checkpoint of `family`; returns the folder.
+
+    Pass `tokenizer` to share one vocabulary across several zoo members (of any families).
+    """
+    from vpref.models.video_processors import save_processor
 
     out = Path(out_dir)
     if tokenizer is None:
         tokenizer = train_tokenizer(world_corpus() + rubric_corpus(), vocab_size)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, size))
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
+    model, processor = tiny_parts(tokenizer, family, size, seed)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    # 64x64 synthetic frames -> 56x56 -> 4 merged tokens per pair of frames.
-    VideoPreprocessor(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(out)
+    save_processor(processor, out)
     return out

@@ -33,10 +33,11 @@ def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 def live_tensors_by_file_name(model) -> dict[str, torch.Tensor]:
     """The model's parameters and buffers keyed by the names they have *on disk*.
 
-    transformers 5 renames keys on load (Qwen2.5-VL files say `model.layers.0...`, the module
-    says `model.language_model.layers.0...`) and back on save; this applies the same reverse
-    mapping save_pretrained uses, and checks that every tensor is the live one (a pure rename),
-    so copying into it updates the model in place.
+    transformers 5 renames keys on load (Qwen2.5-VL files say `model.layers.0...`, LLaVA-OneVision
+    and InternVL files `language_model.model.layers.0...`, the modules `model.language_model.
+    layers.0...`) and back on save; this applies the same reverse mapping save_pretrained uses,
+    and checks that every tensor is the live one (a pure rename, as it is for every registered
+    family), so copying into it updates the model in place.
     """
     live = model.state_dict()
     try:

@@ -36,13 +36,14 @@ REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejecte
 
 
 def _load_parts(path: str | Path, dtype=torch.float32):
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    """(model, processor, family) of a checkpoint of any registered family."""
+    from transformers import AutoModelForImageTextToText
 
-    from vpref.models.processor import VideoPreprocessor
-    from vpref.models.video_lm import model_type
+    from vpref.models.families import family_of
 
+    family = family_of(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(path), VideoPreprocessor.from_pretrained(path), model_type(path)
+    return model, family.load_processor(path), family
 
 
 class _Clips:
@@ -87,6 +88,27 @@ def pair_loss(model, batch, rows: list[dict], cfg: DPOConfig):
                     cfg.nll_coef)
 
 
+def freeze_unused(model, batch) -> list[str]:
+    """Freeze the trainable parameters a video forward leaves without gradient, and name them.
+
+    Some families' towers have parameters video inputs never reach (SigLIP/CLIP's post-layernorm
+    and any layer past `vision_feature_layer`, LLaVA-NeXT-Video's image newline).  DDP refuses
+    such parameters (`find_unused_parameters=False`) and ZeRO's gradient buckets wait for them;
+    they would get no gradient anyway, so freezing them leaves training unchanged.  One probe
+    forward + backward on a real batch finds them, whatever the family or LoRA setup (the
+    training loop runs it before wrapping the model for more than one worker)."""
+    from vpref.models.video_lm import sequence_logps
+
+    model.zero_grad(set_to_none=True)
+    sequence_logps(model, batch).sum().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for n, p in model.named_parameters():
+        if n in unused:
+            p.requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
 # --------------------------------------------------------------------------- reference log-probs
 
 
@@ -110,10 +132,10 @@ def _reference_shard(ref_path: str, rows: list[dict], data: dict, batch_size: in
     from vpref.utils import quiet_libraries
 
     quiet_libraries()
-    model, tok, pre, kind = _load_parts(ref_path)
+    model, processor, family = _load_parts(ref_path)
     if torch.cuda.is_available():  # the task asked for a GPU (dpo.use_gpu)
         model.to("cuda")
-    return score_pairs(VideoLM(model, tok, pre, ref_path, kind), rows, DataConfig.model_validate(data), batch_size)
+    return score_pairs(VideoLM(model, processor, ref_path, family), rows, DataConfig.model_validate(data), batch_size)
 
 
 def reference_logps(ref_path: str | Path, pairs_dir: str | Path, out_path: str | Path, data: DataConfig,
@@ -180,7 +202,7 @@ def train_loop(config: dict) -> None:
     from ray.train import Checkpoint
 
     from vpref.models.video_lm import VideoLM
-    from vpref.utils import quiet_libraries
+    from vpref.utils import log, quiet_libraries
 
     quiet_libraries()
     cfg, data = DPOConfig.model_validate(config["dpo"]), DataConfig.model_validate(config["data"])
@@ -204,9 +226,9 @@ def train_loop(config: dict) -> None:
     total = cfg.epochs * steps_per_epoch
     every = cfg.checkpoint_every or steps_per_epoch
 
-    model, tok, pre, kind = _load_parts(config["init"])
+    model, processor, family = _load_parts(config["init"])
     if cfg.freeze_vision:
-        for p in model.model.visual.parameters():
+        for p in family.vision_tower(model).parameters():
             p.requires_grad_(False)
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLora
@@ -216,6 +238,16 @@ def train_loop(config: dict) -> None:
                                                target_modules=cfg.lora.target_modules))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    clips = _Clips(data)
+    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
+    # DDP refuses parameters that get no gradient, and ZeRO-1/2's buckets wait for them
+    # (deepspeedai/DeepSpeed#777); ZeRO-3 partitions first, so the full model is never on one device.
+    if world > 1 and (cfg.strategy == "ddp" or cfg.zero_stage < 3):
+        model.to(device or "cpu")
+        probe = pair_batch(VideoLM(model, processor, config["init"], family), clips, shard[:2])
+        unused = freeze_unused(model, probe.to(device or "cpu"))
+        if unused and rank == 0:
+            log(f"dpo: {len(unused)} parameters get no gradient from video inputs, frozen: {unused[:4]}")
     params = [p for p in model.parameters() if p.requires_grad]
 
     start, resumed_from = 0, None
@@ -228,7 +260,6 @@ def train_loop(config: dict) -> None:
         if cfg.strategy == "ddp":
             model.load_state_dict(torch.load(state_dir / "model_state.pt", weights_only=True))
 
-    device = torch.device("cuda", ctx.get_local_rank()) if cfg.use_gpu and torch.cuda.is_available() else None
     if cfg.strategy == "deepspeed":
         import deepspeed
 
@@ -246,8 +277,7 @@ def train_loop(config: dict) -> None:
         if state_dir is not None:
             opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
     model_device = next(unwrapped.parameters()).device
-    vlm = VideoLM(forward_model, tok, pre, config["init"], kind)
-    clips = _Clips(data)
+    vlm = VideoLM(forward_model, processor, config["init"], family)
     warmup = int(cfg.warmup_ratio * total)
     metrics_file = progress / "metrics.jsonl"
 
@@ -289,10 +319,10 @@ def train_loop(config: dict) -> None:
             with open(metrics_file, "a") as f:
                 f.write(json.dumps(m) + "\n")
         if (step + 1) % every == 0 or step + 1 == total:
-            _report(cfg, m, step + 1, total, resumed_from, unwrapped, forward_model, opt, tok, pre, rank)
+            _report(cfg, m, step + 1, total, resumed_from, unwrapped, forward_model, opt, processor, rank)
 
 
-def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, tok, pre, rank) -> None:
+def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, processor, rank) -> None:
     """Checkpoint (resume state; at the end also the HF export) and report it.  Every rank calls
     report; with DeepSpeed every rank writes its own ZeRO shards into the checkpoint."""
     import tempfile
@@ -312,12 +342,12 @@ def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, 
                 torch.save(model.state_dict(), d / "model_state.pt")
                 torch.save(opt.state_dict(), d / "optimizer.pt")
         if final:
-            _export_hf(cfg, model, tok, pre, d / "model", rank)
+            _export_hf(cfg, model, processor, d / "model", rank)
         keep = rank == 0 or cfg.strategy == "deepspeed"
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if keep else None)
 
 
-def _export_hf(cfg, model, tok, pre, out: Path, rank: int) -> None:
+def _export_hf(cfg, model, processor, out: Path, rank: int) -> None:
     """The trained policy as an HF safetensors folder (LoRA merged; ZeRO-3 gathered)."""
     gather = None
     if cfg.strategy == "deepspeed" and cfg.zero_stage == 3:
@@ -333,8 +363,9 @@ def _export_hf(cfg, model, tok, pre, out: Path, rank: int) -> None:
 
                 export = copy.deepcopy(model).merge_and_unload()
             export.save_pretrained(out)
-            tok.save_pretrained(out)
-            pre.save_pretrained(out)
+            from vpref.models.video_processors import save_processor
+
+            save_processor(processor, out)  # tokenizer, chat template, processor (genuine class names)
     finally:
         if gather is not None:
             gather.__exit__(None, None, None)

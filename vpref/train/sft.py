@@ -1,8 +1,10 @@
-"""SFT warm start (`vpref sft`): tiny Qwen2.5-VL policies trained on the synthetic train split.
+"""SFT warm start (`vpref sft`): tiny video LLMs of any family trained on the synthetic train split.
 
 The point is a *weak* policy -- clearly above chance, clearly below perfect -- so preference
-learning has room to work, and differently trained zoo members (sizes, steps, label noise) so
-that the data engine samples from genuinely different response distributions.
+learning has room to work, and differently trained zoo members (families, sizes, steps, label
+noise) so that the data engine samples from genuinely different response distributions.  One
+member may start from a pretrained text model (`text_model: smollm2`: LLaVA-OneVision around
+SmolLM2-135M-Instruct, `vpref.models.smollm2`), fluent from the first step.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ from vpref.config import Config, SFTMember
 from vpref.data.manifest import append_rejects, decode_samples, load_manifest
 from vpref.data.world import perturb
 from vpref.eval.qa import accuracy_by_family, answer_all
-from vpref.models.processor import VideoPreprocessor
-from vpref.models.tiny import rubric_corpus, tiny_config, train_tokenizer, world_corpus
+from vpref.models.tiny import rubric_corpus, tiny_parts, train_tokenizer, world_corpus
 from vpref.models.video_lm import VideoLM
 from vpref.utils import log
 
@@ -47,27 +48,33 @@ def noisy_answers(samples, noise: float, rng) -> list[str]:
     return [perturb(s.answer, rng) if rng.random() < noise else s.answer for s in samples]
 
 
-def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: Path) -> VideoLM:
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+def member_parts(member: SFTMember, tokenizer, out: Path):
+    """(model, processor) a member starts from: an earlier member's weights, SmolLM2 inside a
+    LLaVA-OneVision, or a random tiny model of its family."""
+    if member.init_from:
+        vlm = VideoLM.load(out.parent / member.init_from)
+        return vlm.model.train(), vlm.processor
+    if member.text_model == "smollm2":
+        from vpref.models.smollm2 import smollm2_video_lm
 
+        return smollm2_video_lm(member.size, member.seed)
+    return tiny_parts(tokenizer, member.family, member.size, member.seed)
+
+
+def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: Path) -> VideoLM:
     sft = cfg.sft
     torch.manual_seed(member.seed)
     rng = np.random.default_rng(member.seed)
-    if member.init_from:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out.parent / member.init_from)
-    else:
-        model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, member.size))
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, do_sample=False
-    )
-    vlm = VideoLM(model, tokenizer, VideoPreprocessor(min_pixels=56 * 56, max_pixels=112 * 112), out, "qwen2_5_vl")
+    model, processor = member_parts(member, tokenizer, out)
+    vlm = VideoLM(model, processor, out, member.family)
     answers = noisy_answers(train, member.label_noise, rng)
-    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=sft.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=member.lr or sft.lr, weight_decay=sft.weight_decay)
     model.train()
     t0, losses = time.perf_counter(), []
     for step in range(member.steps):
         for g in opt.param_groups:
-            g["lr"] = sft.lr * lr_at(step, member.steps, sft.warmup_steps)
+            g["lr"] = (member.lr or sft.lr) * lr_at(step, member.steps, sft.warmup_steps)
         idx = rng.choice(len(train), size=min(sft.batch_size, len(train)), replace=False)
         chunk = [train[i] for i in idx]
         batch = vlm.scoring_batch(
@@ -79,7 +86,7 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
         loss = response_nll(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % max(1, member.steps // 5) == 0 or step + 1 == member.steps:
@@ -89,8 +96,7 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
     vlm.train_losses = (losses[0], float(np.mean(losses[-20:]))) if losses else (None, None)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    vlm.preprocessor.save_pretrained(out)
+    vlm.save_processor(out)
     return vlm
 
 
@@ -111,8 +117,10 @@ def run_sft(cfg: Config) -> dict:
         log(f"{n_rej} rows set aside in {out / 'rejects.jsonl'}")
     if not train:
         raise RuntimeError(f"no usable training rows in {cfg.data.train} (see {out / 'rejects.jsonl'})")
-    corpus = world_corpus() + rubric_corpus() + [t for s in train for t in (s.question, s.answer or "")]
-    tokenizer = train_tokenizer(corpus, cfg.sft.vocab_size)
+    tokenizer = None  # the tiny members' shared vocabulary (a pretrained text model brings its own)
+    if any(m.text_model is None and not m.init_from for m in cfg.sft.members):
+        corpus = world_corpus() + rubric_corpus() + [t for s in train for t in (s.question, s.answer or "")]
+        tokenizer = train_tokenizer(corpus, cfg.sft.vocab_size)
     report = {"members": {}, "train_questions": len(train), "dev_questions": len(dev)}
     for member in cfg.sft.members:
         t1 = time.perf_counter()
@@ -122,6 +130,7 @@ def run_sft(cfg: Config) -> dict:
         acc = accuracy_by_family(dev, answers)
         report["members"][member.name] = {
             **member.model_dump(),
+            "model_type": vlm.kind,
             "params": sum(p.numel() for p in vlm.model.parameters()),
             "train_seconds": round(train_s, 1),
             "loss_first_last": vlm.train_losses,
