@@ -31,23 +31,12 @@ from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.schema import Response, response_id
-from vpref.judges.rubric import load_rubric
+from vpref.judges.registry import judge_identity
 from vpref.utils import log
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
 IN_FLIGHT_PER_REPLICA = 2
-
-
-def judge_identity(cfg) -> tuple[str, str, str]:
-    """(judge name, rubric, rubric version) without loading the judge's model."""
-    if cfg.judge.kind == "reference":
-        from vpref.judges.reference import ReferenceJudge
-
-        j = ReferenceJudge()
-        return j.name, j.rubric, j.rubric_version
-    r = load_rubric(cfg.judge.rubric)
-    return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
 
 
 def batch_seed(run_seed: int, round_: int, member: ZooMember, index: int) -> int:

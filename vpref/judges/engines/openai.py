@@ -1,0 +1,365 @@
+"""An LLM judge engine behind an OpenAI-compatible chat-completions endpoint (a hosted API such as
+GPT-4o, or a vLLM / SGLang server).  Standard library only.
+
+Scoring: a request asks for `logprobs` with `top_logprobs` (<= 20) and the label distribution is
+read where the reply reaches the prefill (`reading.py`); a label outside the top-k has p = 0 and
+the judge's mass check catches it.  A reply without log-probs is parsed strictly instead (path
+"text").  A rubric's aspects are all read along ONE greedy reply (one request per judgment).
+
+Production: requests of a batch run concurrently up to `concurrency` per actor; a shared rate
+limit (requests and tokens per minute) holds across all judge actors; 429, 5xx, timeouts, dropped
+connections and malformed replies are retried with exponential backoff and jitter, honouring
+`Retry-After`; an endpoint that keeps failing opens a circuit breaker, after which requests fail
+fast as explicit failure records naming the endpoint and the cause; usage and cost are counted
+per judgment and in Ray metrics; replies are kept in a persistent cache so a repeated build sends
+no request twice.  The API key is read from the named environment variable only and never
+appears in a message, a log or an output.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import math
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+from vpref.judges.engines.reading import Reply, read_step
+from vpref.judges.scoring import (Chain, LabelDist, LabelQuery, LabelScores, Usage, sequential_chains,
+                                  to_distribution)
+
+MAX_RETRY_AFTER_S = 600.0
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not be reached or kept failing; the message names it and the cause."""
+
+
+class CircuitOpen(EndpointError):
+    """The circuit breaker is open: the request was not sent."""
+
+
+@lru_cache(maxsize=None)
+def endpoint_metrics() -> dict:
+    from ray.util.metrics import Counter
+
+    tags = ("judge", "model")
+    return {
+        "requests": Counter("vpref_judge_requests_total", "endpoint requests by outcome", tag_keys=(*tags, "outcome")),
+        "retries": Counter("vpref_judge_retries_total", "endpoint retries by cause", tag_keys=(*tags, "cause")),
+        "tokens": Counter("vpref_judge_tokens_total", "endpoint tokens", tag_keys=(*tags, "direction")),
+        "cost": Counter("vpref_judge_cost_usd_total", "endpoint cost in USD", tag_keys=tags),
+        "cache_hits": Counter("vpref_judge_cache_hits_total", "judgments answered from the cache", tag_keys=tags),
+    }
+
+
+class CircuitBreaker:
+    """Open after `threshold` consecutive failed requests; after `cooldown_s` one trial request is
+    let through (half open): its success closes the breaker, its failure opens it again."""
+
+    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
+        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+        self.failures, self.opened_at, self.trial, self.last_cause = 0, None, False, ""
+        self._lock = threading.Lock()
+
+    def check(self, endpoint: str) -> None:
+        with self._lock:
+            if self.opened_at is None:
+                return
+            left = self.cooldown_s - (self.clock() - self.opened_at)
+            if left <= 0 and not self.trial:
+                self.trial = True  # half open: this request is the trial
+                return
+            raise CircuitOpen(f"circuit open for {endpoint}: {self.failures} consecutive requests failed, last cause: "
+                              f"{self.last_cause}; not sent (next trial in {max(0.0, left):.0f}s, "
+                              "judge.api_breaker_cooldown_s)")
+
+    def success(self) -> None:
+        with self._lock:
+            self.failures, self.opened_at, self.trial = 0, None, False
+
+    def failure(self, cause: str) -> None:
+        with self._lock:
+            self.failures += 1
+            self.last_cause = cause
+            if self.failures >= self.threshold or self.trial:
+                self.opened_at, self.trial = self.clock(), False
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header: delay seconds, or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class OpenAIChat:
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+                 timeout_s: float = 60.0, retries: int = 3, *, prefill: str = "none", top_logprobs: int = 20,
+                 backoff_s: float = 0.5, backoff_max_s: float = 30.0, breaker_failures: int = 5,
+                 breaker_cooldown_s: float = 60.0, requests_per_minute: float | None = None,
+                 tokens_per_minute: float | None = None, price_input_per_mtok: float = 0.0,
+                 price_output_per_mtok: float = 0.0, cache_dir: str | None = None, name: str = ""):
+        if not base_url:
+            raise ValueError("an OpenAI-compatible judge needs judge.api_base, e.g. http://127.0.0.1:8000/v1")
+        if prefill not in ("none", "continue"):
+            raise ValueError(f"judge.api_prefill must be none or continue, got {prefill!r}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.path = model  # what LLMJudge names the judge after
+        self.name = name or model
+        self._key = os.environ.get(api_key_env, "")  # only ever sent in the Authorization header
+        self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self.prefill, self.top_logprobs = prefill, top_logprobs
+        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
+        self.prices = (price_input_per_mtok, price_output_per_mtok)
+        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
+        self.limit = None
+        if requests_per_minute or tokens_per_minute:
+            from vpref.judges.engines.ratelimit import SharedLimit
+
+            self.limit = SharedLimit(self.url + "|" + model, requests_per_minute, tokens_per_minute)
+        self.cache = None
+        if cache_dir:
+            from vpref.judges.engines.cache import JudgmentCache
+
+            self.cache = JudgmentCache(cache_dir)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency)
+        self._lock = threading.Lock()
+        self.totals = Usage()  # everything this engine sent and saved
+        self.retry_causes: dict[str, int] = {}
+
+    @classmethod
+    def from_config(cls, cfg, name: str = "") -> "OpenAIChat":
+        return cls(cfg.api_base, cfg.model, cfg.api_key_env, cfg.api_concurrency, cfg.api_timeout_s, cfg.api_retries,
+                   prefill=cfg.api_prefill, top_logprobs=cfg.api_top_logprobs, backoff_s=cfg.api_backoff_s,
+                   backoff_max_s=cfg.api_backoff_max_s, breaker_failures=cfg.api_breaker_failures,
+                   breaker_cooldown_s=cfg.api_breaker_cooldown_s, requests_per_minute=cfg.api_requests_per_minute,
+                   tokens_per_minute=cfg.api_tokens_per_minute, price_input_per_mtok=cfg.price_input_per_mtok,
+                   price_output_per_mtok=cfg.price_output_per_mtok, cache_dir=cfg.api_cache_dir, name=name)
+
+    def __repr__(self):  # never the key
+        return f"OpenAIChat({self.url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------------ one request
+
+    def _scrub(self, text) -> str:
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        return text.replace(self._key, "***") if self._key else text
+
+    def _metric(self, name: str, value: float, **tags) -> None:
+        try:
+            endpoint_metrics()[name].inc(value, tags={"judge": self.name, "model": self.model, **tags})
+        except Exception:  # metrics must never fail a judgment
+            pass
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:  # the server said when: wait at least that long
+            return min(MAX_RETRY_AFTER_S, retry_after) * (1.0 + 0.1 * random.random())
+        d = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
+        return d / 2 + random.uniform(0, d / 2)  # equal jitter: spread retries of many judges
+
+    def _send(self, body: dict) -> dict:
+        data = json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        last, attempt = "", 0
+        for attempt in range(1 + self.retries):
+            retry_after, cause = None, ""
+            try:
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
+                    payload = r.read()
+                reply = json.loads(payload)
+                if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
+                    raise ValueError(f"no choices in {self._scrub(payload[:120])!r}")
+                return reply
+            except urllib.error.HTTPError as e:
+                last = f"HTTP {e.code}: {self._scrub(e.read()[:200])}"
+                if e.code == 429:
+                    cause, retry_after = "rate_limited", retry_after_seconds(e.headers.get("Retry-After"))
+                elif e.code >= 500:
+                    cause = "server_error"
+                else:  # a request error will not fix itself
+                    break
+            except (TimeoutError, socket.timeout):
+                cause, last = "timeout", f"no reply within {self.timeout_s:g}s (judge.api_timeout_s)"
+            except urllib.error.URLError as e:
+                if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                    cause, last = "timeout", f"no reply within {self.timeout_s:g}s (judge.api_timeout_s)"
+                else:
+                    cause, last = "connection", f"cannot connect: {self._scrub(e.reason)}"
+            except (ConnectionError, http.client.HTTPException) as e:
+                cause, last = "connection", f"connection dropped: {type(e).__name__}: {self._scrub(e)}"
+            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+                cause, last = "malformed", f"malformed reply: {self._scrub(e)}"
+            with self._lock:
+                self.retry_causes[cause] = self.retry_causes.get(cause, 0) + 1
+            if attempt < self.retries:
+                self._metric("retries", 1, cause=cause)
+                time.sleep(self._delay(attempt, retry_after))
+        raise EndpointError(f"{self.url} failed after {attempt + 1} attempts: {last}")
+
+    def _body(self, prompt: str, prefill: str, max_tokens: int, temperature: float, seed: int,
+              logprobs: bool) -> tuple[dict, str]:
+        """(request body, assistant text the reply continues)."""
+        messages = [{"role": "user", "content": prompt}]
+        body = {"model": self.model, "messages": messages, "max_tokens": int(max_tokens),
+                "temperature": float(temperature), "seed": int(seed)}
+        sent = ""
+        if prefill and self.prefill == "continue":
+            sent = prefill  # as written: most tokenisers put the space before a digit in a token of its own
+            messages.append({"role": "assistant", "content": sent})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        if logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs)
+        return body, sent
+
+    def request(self, prompt: str, prefill: str = "", max_tokens: int = 16, temperature: float = 0.0, seed: int = 0,
+                logprobs: bool = True, tag: str = "") -> tuple[Reply, Usage]:
+        """One chat completion (from the cache when it was asked before).  Raises EndpointError."""
+        body, sent = self._body(prompt, prefill, max_tokens, temperature, seed, logprobs)
+        key = self.cache.key(self.model, tag, body) if self.cache is not None else None
+        cached = self.cache.get(key) if key else None
+        if cached is not None:
+            self._metric("cache_hits", 1)
+            with self._lock:
+                self.totals = self.totals.add(Usage(cache_hits=1))
+            return Reply.from_json(cached, sent), Usage(cache_hits=1)
+        self.breaker.check(self.url)
+        estimate = len(prompt) // 4 + int(max_tokens)
+        if self.limit is not None:
+            self.limit.acquire(estimate)
+        try:
+            reply = self._send(body)
+        except EndpointError as e:
+            self.breaker.failure(str(e).split(": ", 1)[-1])
+            self._metric("requests", 1, outcome="failed")
+            raise
+        self.breaker.success()
+        u = reply.get("usage") or {}
+        usage = Usage(requests=1, input_tokens=int(u.get("prompt_tokens") or 0),
+                      output_tokens=int(u.get("completion_tokens") or 0))
+        usage.cost_usd = (usage.input_tokens * self.prices[0] + usage.output_tokens * self.prices[1]) / 1e6
+        if self.limit is not None:
+            self.limit.settle(usage.input_tokens + usage.output_tokens - estimate)
+        self._metric("requests", 1, outcome="ok")
+        self._metric("tokens", usage.input_tokens, direction="input")
+        self._metric("tokens", usage.output_tokens, direction="output")
+        if usage.cost_usd:
+            self._metric("cost", usage.cost_usd)
+        with self._lock:
+            self.totals = self.totals.add(usage)
+        keep = Reply.keep(reply)
+        if key:
+            self.cache.put(key, keep)
+        return Reply.from_json(keep, sent), usage
+
+    # ------------------------------------------------------------------ text
+
+    def chat(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> list[str]:
+        """Replies to one user turn each; raises EndpointError when a request fails for good."""
+        return self.complete(prompts, [""] * len(prompts), max_new_tokens, temperature, seed)
+
+    def complete(self, prompts: list[str], prefills: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0) -> list[str]:
+        """The reply after each prefill (api_prefill none: the reply after the prefill's last line when
+        the model wrote it, else the whole reply)."""
+        def one(pf):
+            p, f = pf
+            reply, _ = self.request(p, f, max_new_tokens, temperature, seed, logprobs=False)
+            text = reply.text
+            if f and self.prefill == "none":
+                head = f.strip().splitlines()[-1] if f.strip() else ""
+                i = text.find(head) if head else -1
+                text = text[i + len(head):] if i >= 0 else text
+            elif f:
+                text = text[len(reply.prefix):]
+            return text.strip()
+
+        return list(self._pool.map(one, zip(prompts, prefills)))
+
+    # ------------------------------------------------------------------ scoring
+
+    def _failed(self, e: EndpointError, raw=None) -> LabelScores:
+        return LabelScores({}, error=str(e), failure="circuit_open" if isinstance(e, CircuitOpen) else "endpoint",
+                           raw=raw)
+
+    def _max_tokens(self, steps) -> int:
+        """Enough tokens to reach the last label (a token is at least one character)."""
+        need = sum(len(before) + max(map(len, labels)) for before, labels in steps) + 4
+        return min(512, need + (16 if self.prefill == "none" else 0))
+
+    def _one(self, q: LabelQuery) -> LabelScores:
+        try:
+            reply, usage = self.request(q.prompt, q.prefill, self._max_tokens([(q.prefill, q.labels)]), tag=q.tag)
+        except EndpointError as e:
+            return self._failed(e)
+        header = q.prefill.strip().splitlines()[-1].strip() if q.prefill.strip() else ""
+        start = len(reply.prefix.rstrip()) - len(header) if self.prefill == "continue" else 0
+        step = read_step(reply, header, q.labels, max(0, start))
+        return LabelScores(step.probs or {}, path=reply.path, raw=reply.text, usage=usage,
+                           error=None if step.reached else step.note, failure="" if step.reached else "unparsed")
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelScores]:
+        return list(self._pool.map(self._one, queries))
+
+    def label_chains(self, chains: list[Chain], min_mass: float = 0.0) -> list[list[LabelDist]]:
+        return list(self._pool.map(lambda c: self._chain(c, min_mass), chains))
+
+    def _chain(self, chain: Chain, min_mass: float) -> list[LabelDist]:
+        """Every step read along one greedy reply.  With a continue-capable endpoint, steps the reply
+        did not follow (a missing header, or a label other than the most likely one) are asked again
+        one by one, prefilled with the most likely labels -- what the HF engine computes."""
+        steps = chain.steps
+        first = steps[0][0]
+        try:
+            reply, usage = self.request(chain.prompt, first, self._max_tokens(steps), tag=chain.tag)
+        except EndpointError as e:
+            err = self._failed(e)
+            return [to_distribution(err, labels) for _, labels in steps]
+        out: list[LabelDist] = []
+        pos = max(0, len(reply.prefix.rstrip()) - len(first.strip())) if self.prefill == "continue" else 0
+        written = ""  # the reply with the most likely labels, up to the next step
+        for k, (before, labels) in enumerate(steps):
+            header = before.strip()
+            step = read_step(reply, header, labels, pos)
+            scores = LabelScores(step.probs or {}, path=reply.path, raw=reply.text if k == 0 else None,
+                                 usage=usage if k == 0 else Usage(), error=None if step.reached else step.note,
+                                 failure="" if step.reached else "unparsed")
+            d = to_distribution(scores, labels, min_mass)
+            follows = step.reached and d.mode is not None and step.greedy == d.mode
+            if not follows and self.prefill == "continue" and reply.path == "logprobs":
+                rest = sequential_chains(self, [Chain(chain.prompt, steps[k:], chain.tag)], min_mass,
+                                         start=[(written, [])])[0]
+                if k == 0:  # the first request is still paid for
+                    rest[0].usage, rest[0].raw = usage.add(rest[0].usage), rest[0].raw or reply.text
+                return out + rest
+            out.append(d)
+            if not step.reached:  # the rest of the reply cannot be located either
+                for _, lbls in steps[k + 1:]:
+                    out.append(to_distribution(LabelScores({}, path=reply.path, error=f"not read: {step.note}",
+                                                           failure="unparsed"), lbls))
+                return out
+            written += before + (d.mode or "")
+            pos = step.end
+        return out
