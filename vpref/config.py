@@ -271,6 +271,31 @@ class JudgeConfig(_Section):
         return self
 
 
+class EvalJudge(JudgeConfig):
+    name: str = F("", "label of this judge in judge-eval's tables (empty: the judge's own name)")
+    loopback: bool = F(False, "serve `model` (an HF checkpoint) on a loopback OpenAI-compatible server and judge "
+                              "through real HTTP: measures the endpoint path")
+
+    @model_validator(mode="after")
+    def _loopback(self):
+        if self.loopback and (self.kind != "llm" or self.backend != "hf"):
+            raise ValueError("loopback: true serves an HF checkpoint for an llm judge (kind: llm, backend: hf)")
+        return self
+
+
+class JudgeEvalConfig(_Section):
+    judges: list[EvalJudge] = FL(lambda: [EvalJudge()], "judges to measure, each a judge section (kind, model, "
+                                                         "backend, mode, ...) plus a name")
+    split: Literal["train", "dev", "test"] = F("dev", "manifest of the synthetic world the judges are measured on")
+    max_questions: int | None = F(60, "questions used (each gets a correct and a wrong answer, short and long)", ge=1)
+    answers_from: str | None = F(None, "a build folder: judge its responses instead (answers without ground truth: "
+                                       "agreement between judges only)")
+    compare: bool = F(True, "also ask each (correct, wrong) pair in both orders (position bias)")
+    bootstrap: int = F(1000, "bootstrap resamples over questions for the 95% intervals", ge=0)
+    seed: int = F(0, "seed of the wrong answers and the bootstrap")
+    out: str = F("runs/judge_eval", "folder for judge_eval.json, judge_eval.md and judge_eval.png")
+
+
 class PairsConfig(_Section):
     strategy: Literal["best_vs_worst", "all_pairs"] = F(
         "best_vs_worst", "best_vs_worst: one pair per question (MMAIP-V); all_pairs: every ranked pair (VLFeedback)"
@@ -361,6 +386,7 @@ class Config(_Section):
     sft: SFTConfig = FL(SFTConfig, "SFT warm start of the tiny policy and zoo (`vpref sft`)")
     zoo: list[ZooMember] = FL(_demo_zoo, "generator models that answer each question (one is the policy)")
     judge: JudgeConfig = FL(JudgeConfig, "how answers are scored")
+    judge_eval: JudgeEvalConfig = FL(JudgeEvalConfig, "`vpref judge-eval`: which judges to measure, on what")
     pairs: PairsConfig = FL(PairsConfig, "how judged answers become chosen/rejected pairs")
     build: BuildConfig = FL(BuildConfig, "the data engine (`vpref build-data`)")
     dpo: DPOConfig = FL(DPOConfig, "DPO on Ray Train")

@@ -7,7 +7,10 @@ through its caption only).  Two ways to use it:
 * `label_logprobs` / `continuation_logprobs`: teacher forcing, no generation.  Candidates are
   tokenised in context (`vpref.judges.scoring`), the fewest sequences that cover every candidate
   token are run right-padded in batches, and only the needed positions are projected to the
-  vocabulary (`logits_to_keep`), so a judgment costs one forward per aspect.
+  vocabulary (`logits_to_keep`).
+* `label_chains`: a rubric's aspects one after another on one KV cache per judgment: the prompt
+  is run once, each later aspect only adds its few tokens (the cache is cropped back to where
+  the next prefill's tokens differ), so a judgment costs about one prompt forward in all.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections import Counter
 
 import torch
 
-from vpref.judges.scoring import LabelQuery, LabelScores, candidate_ids, complete_probs, plan_rows
+from vpref.judges.scoring import (Chain, LabelDist, LabelQuery, LabelScores, candidate_ids, common_prefix,
+                                  complete_probs, plan_rows, to_distribution)
 from vpref.models.video_lm import SUPPORTED as VIDEO_FAMILIES
 from vpref.models.video_lm import model_type
 
@@ -102,6 +106,48 @@ class ChatLM:
         """Per-token log p(continuation | prompt, prefill) for each (prompt, prefill, continuation)."""
         plans = [candidate_ids(self.encode, self.render(p, f), [c]) for p, f, c in items]
         return [lp[0] for lp in self._candidate_logprobs(plans)]
+
+    def label_chains(self, chains: list[Chain], min_mass: float = 0.0) -> list[list[LabelDist]]:
+        return [self._chain(c, min_mass) for c in chains]
+
+    def _chain(self, chain: Chain, min_mass: float) -> list[LabelDist]:
+        cache, cached = None, []  # the KV cache and the token ids it holds
+        reply, dists = "", []
+        for k, (before, labels) in enumerate(chain.steps):
+            prefill = reply + before
+            full, start = candidate_ids(self.encode, self.render(chain.prompt, prefill), labels)
+            rows, which = plan_rows(full, start)
+            got: list[dict] = []
+            for row in rows:  # logits at positions start-1 .. len-1 of each row
+                keep = cache is not None and common_prefix(cached, row) > 0
+                c = min(common_prefix(cached, row), start - 1) if keep else 0
+                if keep and cache.get_seq_length() > c:
+                    cache.crop(c - cache.get_seq_length())  # (transformers 5: minus the tokens to drop)
+                ids = torch.tensor([row[c:]], device=self.model.device)
+                pos = list(range(start - 1 - c, len(row) - c))
+                # explicit positions: a video LLM would otherwise reuse the rope offsets its last
+                # generate() stored (for another batch)
+                where = torch.arange(c, len(row), device=ids.device)[None]
+                with torch.no_grad():
+                    out = self.model(input_ids=ids, past_key_values=cache if keep else None, use_cache=True,
+                                     position_ids=where, logits_to_keep=torch.tensor(pos, device=ids.device),
+                                     **self._extra(ids))
+                cache, cached = out.past_key_values, row
+                logp = out.logits[0].float().log_softmax(-1)
+                got.append({c + p: logp[i] for i, p in enumerate(pos)})
+                self.stats["forward_calls"] += 1
+                self.stats["sequences"] += 1
+                self.stats["tokens"] += len(row) - c
+            lps = [[float(got[r][t - 1][f[t]]) for t in range(start, len(f))] for f, r in zip(full, which)]
+            d = to_distribution(LabelScores(dict(zip(labels, complete_probs(full, start, lps)))), labels, min_mass)
+            dists.append(d)
+            if d.mode is None:
+                break
+            reply = prefill + d.mode
+        while len(dists) < len(chain.steps):
+            dists.append(LabelDist(chain.steps[len(dists)][1], {}, 0.0, False, "logprobs",
+                                   error="not asked: an earlier step had no label", failure="unparsed"))
+        return dists
 
     def _candidate_logprobs(self, plans) -> list[list[list[float]]]:
         """For each plan (full ids per candidate, start): the log-probs of each candidate's tokens."""

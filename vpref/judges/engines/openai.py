@@ -227,7 +227,7 @@ class OpenAIChat:
                 "temperature": float(temperature), "seed": int(seed)}
         sent = ""
         if prefill and self.prefill == "continue":
-            sent = prefill  # as written: most tokenisers put the space before a digit in a token of its own
+            sent = prefill  # as given (the scoring paths drop a trailing space: the model writes it)
             messages.append({"role": "assistant", "content": sent})
             body.update(continue_final_message=True, add_generation_prompt=False)
         if logprobs:
@@ -310,14 +310,32 @@ class OpenAIChat:
         return min(512, need + (16 if self.prefill == "none" else 0))
 
     def _one(self, q: LabelQuery) -> LabelScores:
+        """One query.  continue: the prefill goes without its trailing spaces, so the model writes
+        the space itself (merged into the label, " 5", or alone); a lone space the reply did not take
+        is asked for once more, prefilled with it, so both spellings are counted."""
+        cont = self.prefill == "continue"
+        sent = q.prefill.rstrip(" ") if cont else q.prefill
+        max_tokens = self._max_tokens([(q.prefill, q.labels)])
         try:
-            reply, usage = self.request(q.prompt, q.prefill, self._max_tokens([(q.prefill, q.labels)]), tag=q.tag)
+            reply, usage = self.request(q.prompt, sent, max_tokens, tag=q.tag)
         except EndpointError as e:
             return self._failed(e)
         header = q.prefill.strip().splitlines()[-1].strip() if q.prefill.strip() else ""
-        start = len(reply.prefix.rstrip()) - len(header) if self.prefill == "continue" else 0
-        step = read_step(reply, header, q.labels, max(0, start))
-        return LabelScores(step.probs or {}, path=reply.path, raw=reply.text, usage=usage,
+        start = max(0, len(reply.prefix) - len(header)) if cont else 0
+        step = read_step(reply, header, q.labels, start)
+        probs = dict(step.probs or {})
+        spaces = [(w, p) for w, p in (step.unseen or []) if not w.strip()]
+        if cont and step.reached and spaces:
+            w, p = max(spaces, key=lambda x: x[1])
+            try:
+                more, u2 = self.request(q.prompt, sent + w, max_tokens, tag=q.tag)
+            except EndpointError as e:
+                return self._failed(e, reply.text)
+            usage = usage.add(u2)
+            after = read_step(more, "", q.labels, 0)
+            for lbl, v in (after.probs or {}).items():
+                probs[lbl] = probs.get(lbl, 0.0) + p * v
+        return LabelScores(probs, path=reply.path, raw=reply.text, usage=usage,
                            error=None if step.reached else step.note, failure="" if step.reached else "unparsed")
 
     def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelScores]:
@@ -331,14 +349,14 @@ class OpenAIChat:
         did not follow (a missing header, or a label other than the most likely one) are asked again
         one by one, prefilled with the most likely labels -- what the HF engine computes."""
         steps = chain.steps
-        first = steps[0][0]
+        first = steps[0][0].rstrip(" ") if self.prefill == "continue" else steps[0][0]
         try:
             reply, usage = self.request(chain.prompt, first, self._max_tokens(steps), tag=chain.tag)
         except EndpointError as e:
             err = self._failed(e)
             return [to_distribution(err, labels) for _, labels in steps]
         out: list[LabelDist] = []
-        pos = max(0, len(reply.prefix.rstrip()) - len(first.strip())) if self.prefill == "continue" else 0
+        pos = max(0, len(reply.prefix) - len(first.strip())) if self.prefill == "continue" else 0
         written = ""  # the reply with the most likely labels, up to the next step
         for k, (before, labels) in enumerate(steps):
             header = before.strip()
@@ -347,9 +365,10 @@ class OpenAIChat:
                                  usage=usage if k == 0 else Usage(), error=None if step.reached else step.note,
                                  failure="" if step.reached else "unparsed")
             d = to_distribution(scores, labels, min_mass)
-            follows = step.reached and d.mode is not None and step.greedy == d.mode
+            missed = sum(p for w, p in (step.unseen or []) if not w.strip())  # a lone space it did not write
+            follows = step.reached and d.mode is not None and step.greedy == d.mode and missed < 1e-3
             if not follows and self.prefill == "continue" and reply.path == "logprobs":
-                rest = sequential_chains(self, [Chain(chain.prompt, steps[k:], chain.tag)], min_mass,
+                rest = sequential_chains(_InThisThread(self), [Chain(chain.prompt, steps[k:], chain.tag)], min_mass,
                                          start=[(written, [])])[0]
                 if k == 0:  # the first request is still paid for
                     rest[0].usage, rest[0].raw = usage.add(rest[0].usage), rest[0].raw or reply.text
@@ -363,3 +382,14 @@ class OpenAIChat:
             written += before + (d.mode or "")
             pos = step.end
         return out
+
+
+class _InThisThread:
+    """The engine's queries run in the calling thread: a chain already holds one of the pool's
+    threads, and waiting on the same pool from inside it could deadlock."""
+
+    def __init__(self, engine: OpenAIChat):
+        self.engine = engine
+
+    def label_logprobs(self, queries: list[LabelQuery]) -> list[LabelScores]:
+        return [self.engine._one(q) for q in queries]

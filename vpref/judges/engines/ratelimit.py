@@ -52,7 +52,7 @@ class RateLimiter:
         with self._lock:
             if "tokens" in self.level:
                 self._refill()
-                self.level["tokens"] -= tokens_delta
+                self.level["tokens"] = min(self.capacity["tokens"], self.level["tokens"] - tokens_delta)
 
 
 _LOCAL: dict[str, RateLimiter] = {}

@@ -11,6 +11,8 @@ strings with log-probs.  A label's probability is the sum over the alternatives 
 * an alternative that is only the start of a label (" " before "4", "1" before "10") can be
   followed only along the tokens the reply actually generated: its other continuations are
   unseen, so their probability counts as missing mass -- as does every label outside the top-k.
+  `StepRead.unseen` lists them; the endpoint engine asks once more, prefilled with a lone space
+  the reply did not take (tokenisers that write " 5" as " " + "5" make that the common case).
 
 A reply without log-probs (some providers) is parsed strictly instead: the label written after the
 header has p = 1 (path "text").
@@ -70,13 +72,15 @@ class StepRead:
     greedy: str | None  # the label the reply itself wrote there (None: not a label)
     end: int  # where the header ends in the reply text (the next step searches from here)
     note: str = ""
+    unseen: list[tuple[str, float]] = None  # label beginnings at the first position the reply did not take
 
 
 def _starts(labels, t: str) -> list[str]:
     return [lbl for lbl in labels if lbl.startswith(t) and lbl != t]
 
 
-def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped: bool, out: dict) -> None:
+def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped: bool, out: dict,
+          unseen: list | None = None) -> None:
     tok, lp, top = tokens[j]
     alternatives: dict[str, float] = defaultdict(float)  # token text -> probability (ids with one text add up)
     for s, alp in top:
@@ -94,6 +98,8 @@ def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped:
             if not r:  # whitespace only: the label starts later, seen only along the reply
                 if s == tok and not last:
                     _walk(tokens, j + 1, "", labels, "", p, stopped, out)
+                elif unseen is not None and s != tok:
+                    unseen.append((consumed + s[len(q):], p))
                 continue
         t = consumed + r
         longer = _starts(labels, t)
@@ -107,6 +113,8 @@ def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped:
                 _walk(tokens, j + 1, "", labels, t, p, stopped, out)
             elif t in labels and stopped:  # the reply ended right after it
                 out[t] += p
+        elif (longer or t in labels) and unseen is not None:
+            unseen.append((t, p))
         # anything else is not a label: its probability is missing mass
 
 
@@ -139,7 +147,8 @@ def read_step(reply: Reply, header: str, labels, start: int = 0) -> StepRead:
     for j, (tok, _, _) in enumerate(reply.tokens):
         if pos <= end < pos + len(tok):
             out: dict = defaultdict(float)
-            _walk(reply.tokens, j, full[pos:end], labels, "", 1.0, reply.finish_reason == "stop", out)
-            return StepRead(True, {lbl: out.get(lbl, 0.0) for lbl in labels}, greedy, end)
+            unseen: list = []
+            _walk(reply.tokens, j, full[pos:end], labels, "", 1.0, reply.finish_reason == "stop", out, unseen)
+            return StepRead(True, {lbl: out.get(lbl, 0.0) for lbl in labels}, greedy, end, unseen=unseen)
         pos += len(tok)
     return StepRead(False, None, greedy, end, f"the reply ends after {header!r}")
