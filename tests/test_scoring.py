@@ -155,3 +155,13 @@ def test_text_replies_are_parsed_strictly():
     for text in ("4.5", "Answer A", "", "A1"):
         with pytest.raises(JudgeParseError):
             parse_label(text, ("A", "B", "4"))
+
+
+def test_vllm_request_planning():
+    """The vLLM engine's pure helpers (the engine itself runs only on a GPU)."""
+    from vpref.judges.engines.vllm import maximal_sequences, single_token_plan
+
+    assert single_token_plan([[1, 2, 7], [1, 2, 8]], 2) == ([1, 2], [7, 8])
+    assert single_token_plan([[1, 2, 7], [1, 2, 7, 0]], 2) is None  # "1" and "10": teacher forcing rows
+    rows, which = maximal_sequences([[1, 2, 7], [1, 2, 7, 0], [1, 2, 8]])
+    assert rows == [[1, 2, 7, 0], [1, 2, 8]] and which == [0, 0, 1]

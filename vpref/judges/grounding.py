@@ -17,8 +17,9 @@ from pathlib import Path
 from vpref.data.schema import Judgment, Verdict, judgment_id
 from vpref.judges.base import ResponseView, SampleView
 
-WITH_CAPTION = "Video description: {caption}\nQuestion: {question}"
-WITHOUT_CAPTION = "Question: {question}"
+# plain text, no chat template: any causal LM reads it, a base model as well as an instruct one
+WITH_CAPTION = "Video description: {caption}\nQuestion: {question}\nAnswer:"
+WITHOUT_CAPTION = "Question: {question}\nAnswer:"
 VERSION = "grounding@" + hashlib.sha1((WITH_CAPTION + WITHOUT_CAPTION).encode()).hexdigest()[:10]
 
 
@@ -32,8 +33,6 @@ class GroundingJudge:
                              "(backend hf or vllm; a chat endpoint cannot)")
         self.lm, self.actor = lm, actor
         self.name = f"grounding:{Path(lm.path).name}"
-        # a base LM (no chat template) reads plain text, so the answer follows "Answer: "
-        self.prefill = "" if getattr(lm.tokenizer, "chat_template", None) else "Answer: "
 
     def _failed(self, sample: SampleView, r: ResponseView, error: str, failure: str) -> Judgment:
         return Judgment(judgment_id(r.response_id, self.name), r.response_id, sample.sample_id, self.name, self.rubric,
@@ -42,9 +41,8 @@ class GroundingJudge:
 
     def pmi(self, sample: SampleView, texts: list[str]) -> list[tuple[float, float, int]]:
         """(mean log p with caption, mean log p without, answer tokens) per text."""
-        items = [(WITH_CAPTION.format(caption=sample.caption, question=sample.question), self.prefill, t)
-                 for t in texts]
-        items += [(WITHOUT_CAPTION.format(question=sample.question), self.prefill, t) for t in texts]
+        items = [(WITH_CAPTION.format(caption=sample.caption, question=sample.question), " " + t) for t in texts]
+        items += [(WITHOUT_CAPTION.format(question=sample.question), " " + t) for t in texts]
         lps = self.lm.continuation_logprobs(items)
         n = len(texts)
         return [(sum(w) / len(w), sum(wo) / len(w), len(w)) for w, wo in zip(lps[:n], lps[n:])]

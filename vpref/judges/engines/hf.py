@@ -102,9 +102,10 @@ class ChatLM:
         return [LabelScores(dict(zip(q.labels, complete_probs(full, start, lp))))
                 for q, (full, start), lp in zip(queries, plans, lps)]
 
-    def continuation_logprobs(self, items: list[tuple[str, str, str]]) -> list[list[float]]:
-        """Per-token log p(continuation | prompt, prefill) for each (prompt, prefill, continuation)."""
-        plans = [candidate_ids(self.encode, self.render(p, f), [c]) for p, f, c in items]
+    def continuation_logprobs(self, items: list[tuple[str, str]]) -> list[list[float]]:
+        """Per-token log p(continuation | context) for each (context text, continuation), plain text
+        (no chat template; `render` gives a chat prompt when one is wanted)."""
+        plans = [candidate_ids(self.encode, ctx, [c]) for ctx, c in items]
         return [lp[0] for lp in self._candidate_logprobs(plans)]
 
     def label_chains(self, chains: list[Chain], min_mass: float = 0.0) -> list[list[LabelDist]]:

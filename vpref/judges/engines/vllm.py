@@ -139,6 +139,8 @@ class VLLMChat:
         return [LabelScores(dict(zip(q.labels, complete_probs(full, start, lp))))
                 for q, (full, start), lp in zip(queries, plans, self._token_logprobs(plans))]
 
-    def continuation_logprobs(self, items: list[tuple[str, str, str]]) -> list[list[float]]:
-        plans = [candidate_ids(self.encode, self.render(p, f), [c]) for p, f, c in items]
+    def continuation_logprobs(self, items: list[tuple[str, str]]) -> list[list[float]]:
+        """Per-token log p(continuation | context) for each (context text, continuation), plain text
+        (no chat template; `render` gives a chat prompt when one is wanted)."""
+        plans = [candidate_ids(self.encode, ctx, [c]) for ctx, c in items]
         return [lp[0] for lp in self._token_logprobs(plans)]
