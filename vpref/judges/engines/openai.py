@@ -18,33 +18,17 @@ appears in a message, a log or an output.
 
 from __future__ import annotations
 
-import email.utils
-import http.client
-import json
-import math
 import os
-import random
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 from vpref.judges.engines.reading import Reply, read_step
+from vpref.judges.engines.transport import CircuitOpen, EndpointError, Transport
 from vpref.judges.scoring import (Chain, LabelDist, LabelQuery, LabelScores, Usage, sequential_chains,
                                   to_distribution)
 
-MAX_RETRY_AFTER_S = 600.0
-
-
-class EndpointError(RuntimeError):
-    """The endpoint could not be reached or kept failing; the message names it and the cause."""
-
-
-class CircuitOpen(EndpointError):
-    """The circuit breaker is open: the request was not sent."""
+__all__ = ["CircuitOpen", "EndpointError", "OpenAIChat"]
 
 
 @lru_cache(maxsize=None)
@@ -59,56 +43,6 @@ def endpoint_metrics() -> dict:
         "cost": Counter("vpref_judge_cost_usd_total", "endpoint cost in USD", tag_keys=tags),
         "cache_hits": Counter("vpref_judge_cache_hits_total", "judgments answered from the cache", tag_keys=tags),
     }
-
-
-class CircuitBreaker:
-    """Open after `threshold` consecutive failed requests; after `cooldown_s` one trial request is
-    let through (half open): its success closes the breaker, its failure opens it again."""
-
-    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
-        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
-        self.failures, self.opened_at, self.trial, self.last_cause = 0, None, False, ""
-        self._lock = threading.Lock()
-
-    def check(self, endpoint: str) -> None:
-        with self._lock:
-            if self.opened_at is None:
-                return
-            left = self.cooldown_s - (self.clock() - self.opened_at)
-            if left <= 0 and not self.trial:
-                self.trial = True  # half open: this request is the trial
-                return
-            raise CircuitOpen(f"circuit open for {endpoint}: {self.failures} consecutive requests failed, last cause: "
-                              f"{self.last_cause}; not sent (next trial in {max(0.0, left):.0f}s, "
-                              "judge.api_breaker_cooldown_s)")
-
-    def success(self) -> None:
-        with self._lock:
-            self.failures, self.opened_at, self.trial = 0, None, False
-
-    def failure(self, cause: str) -> None:
-        with self._lock:
-            self.failures += 1
-            self.last_cause = cause
-            if self.failures >= self.threshold or self.trial:
-                self.opened_at, self.trial = self.clock(), False
-
-    @property
-    def is_open(self) -> bool:
-        return self.opened_at is not None
-
-
-def retry_after_seconds(value: str | None) -> float | None:
-    """A Retry-After header: delay seconds, or an HTTP date."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 class OpenAIChat:
@@ -126,12 +60,13 @@ class OpenAIChat:
         self.model = model
         self.path = model  # what LLMJudge names the judge after
         self.name = name or model
-        self._key = os.environ.get(api_key_env, "")  # only ever sent in the Authorization header
-        self.concurrency, self.timeout_s, self.retries = concurrency, timeout_s, retries
+        self.concurrency = concurrency
         self.prefill, self.top_logprobs = prefill, top_logprobs
-        self.backoff_s, self.backoff_max_s = backoff_s, backoff_max_s
         self.prices = (price_input_per_mtok, price_output_per_mtok)
-        self.breaker = CircuitBreaker(breaker_failures, breaker_cooldown_s)
+        # the key: read from the named variable only, sent in the Authorization header only
+        self.transport = Transport(self.url, os.environ.get(api_key_env, ""), timeout_s, retries, backoff_s,
+                                   backoff_max_s, breaker_failures, breaker_cooldown_s,
+                                   on_retry=lambda cause: self._metric("retries", 1, cause=cause))
         self.limit = None
         if requests_per_minute or tokens_per_minute:
             from vpref.judges.engines.ratelimit import SharedLimit
@@ -145,7 +80,6 @@ class OpenAIChat:
         self._pool = ThreadPoolExecutor(max_workers=concurrency)
         self._lock = threading.Lock()
         self.totals = Usage()  # everything this engine sent and saved
-        self.retry_causes: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg, name: str = "") -> "OpenAIChat":
@@ -161,63 +95,15 @@ class OpenAIChat:
 
     # ------------------------------------------------------------------ one request
 
-    def _scrub(self, text) -> str:
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-        return text.replace(self._key, "***") if self._key else text
+    @property
+    def retry_causes(self) -> dict[str, int]:
+        return self.transport.retry_causes
 
     def _metric(self, name: str, value: float, **tags) -> None:
         try:
             endpoint_metrics()[name].inc(value, tags={"judge": self.name, "model": self.model, **tags})
         except Exception:  # metrics must never fail a judgment
             pass
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:  # the server said when: wait at least that long
-            return min(MAX_RETRY_AFTER_S, retry_after) * (1.0 + 0.1 * random.random())
-        d = min(self.backoff_max_s, self.backoff_s * 2 ** attempt)
-        return d / 2 + random.uniform(0, d / 2)  # equal jitter: spread retries of many judges
-
-    def _send(self, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._key:
-            headers["Authorization"] = f"Bearer {self._key}"
-        last, attempt = "", 0
-        for attempt in range(1 + self.retries):
-            retry_after, cause = None, ""
-            try:
-                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as r:
-                    payload = r.read()
-                reply = json.loads(payload)
-                if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
-                    raise ValueError(f"no choices in {self._scrub(payload[:120])!r}")
-                return reply
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code}: {self._scrub(e.read()[:200])}"
-                if e.code == 429:
-                    cause, retry_after = "rate_limited", retry_after_seconds(e.headers.get("Retry-After"))
-                elif e.code >= 500:
-                    cause = "server_error"
-                else:  # a request error will not fix itself
-                    break
-            except (TimeoutError, socket.timeout):
-                cause, last = "timeout", f"no reply within {self.timeout_s:g}s (judge.api_timeout_s)"
-            except urllib.error.URLError as e:
-                if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                    cause, last = "timeout", f"no reply within {self.timeout_s:g}s (judge.api_timeout_s)"
-                else:
-                    cause, last = "connection", f"cannot connect: {self._scrub(e.reason)}"
-            except (ConnectionError, http.client.HTTPException) as e:
-                cause, last = "connection", f"connection dropped: {type(e).__name__}: {self._scrub(e)}"
-            except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
-                cause, last = "malformed", f"malformed reply: {self._scrub(e)}"
-            with self._lock:
-                self.retry_causes[cause] = self.retry_causes.get(cause, 0) + 1
-            if attempt < self.retries:
-                self._metric("retries", 1, cause=cause)
-                time.sleep(self._delay(attempt, retry_after))
-        raise EndpointError(f"{self.url} failed after {attempt + 1} attempts: {last}")
 
     def _body(self, prompt: str, prefill: str, max_tokens: int, temperature: float, seed: int,
               logprobs: bool) -> tuple[dict, str]:
@@ -245,17 +131,15 @@ class OpenAIChat:
             with self._lock:
                 self.totals = self.totals.add(Usage(cache_hits=1))
             return Reply.from_json(cached, sent), Usage(cache_hits=1)
-        self.breaker.check(self.url)
+        self.transport.breaker.check(self.url)  # before the rate limit: a closed endpoint costs no quota
         estimate = len(prompt) // 4 + int(max_tokens)
         if self.limit is not None:
             self.limit.acquire(estimate)
         try:
-            reply = self._send(body)
-        except EndpointError as e:
-            self.breaker.failure(str(e).split(": ", 1)[-1])
+            reply = self.transport.post(body)
+        except EndpointError:
             self._metric("requests", 1, outcome="failed")
             raise
-        self.breaker.success()
         u = reply.get("usage") or {}
         usage = Usage(requests=1, input_tokens=int(u.get("prompt_tokens") or 0),
                       output_tokens=int(u.get("completion_tokens") or 0))
