@@ -1,6 +1,6 @@
 """Judge benchmark (issue 9): how good each judge is, and what distributional scoring costs.
 
-    python benchmarks/judges.py --out benchmarks/results/judges.json     # ~30 min on 2 busy cores
+    python benchmarks/judges.py --out benchmarks/results/judges.json
 
 1. `vpref judge-eval` on a synthetic world (written to --work when it is not there) with the five
    judges the issue names: the reference judge, SmolLM2-135M-Instruct as a distributional rubric
@@ -125,9 +125,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/judges.json"))
     ap.add_argument("--work", default=str(ROOT / "runs/bench-judges"))
-    ap.add_argument("--questions", type=int, default=40, help="judge-eval questions (4 answers each)")
+    ap.add_argument("--questions", type=int, default=30, help="judge-eval questions (4 answers each)")
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--cost-judgments", type=int, default=12)
+    ap.add_argument("--cost-judgments", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-eval", action="store_true", help="only the cost comparison")
@@ -143,11 +143,12 @@ def main() -> None:
     w = world(work)
     result = {"torch_threads": args.threads, "world": str(w)}
     t0 = time.perf_counter()
-    result["cost"] = cost(w, args.cost_judgments, args.repeats)
-    print(json.dumps(result["cost"], indent=2))
     if not args.skip_eval:
         result["judge_eval"] = judge_eval(w, tiny(work), out_path.parent / "judge_eval", args.questions, args.bootstrap)
         print((out_path.parent / "judge_eval" / "judge_eval.md").read_text())
+        out_path.write_text(json.dumps(result, indent=2))  # each phase is kept as soon as it ends
+    result["cost"] = cost(w, args.cost_judgments, args.repeats)
+    print(json.dumps(result["cost"], indent=2))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out_path.write_text(json.dumps(result, indent=2))
     print(f"-> {out_path}")

@@ -267,6 +267,17 @@ def test_the_shared_rate_limit_spaces_requests():
     assert lim.reserve(0) == 0.0
 
 
+def test_judge_actors_share_one_rate_limit(ray_local):
+    """Two handles on one endpoint (two judge actors) draw from one named bucket actor."""
+    from vpref.judges.engines.ratelimit import SharedLimit
+
+    a, b = SharedLimit("http://h/v1|m", 60, None), SharedLimit("http://h/v1|m", 60, None)
+    waits = [h._call("reserve", 0) for h in (a, b) * 5]  # ten seconds' quota at one a second
+    assert waits == [0.0] * 10
+    assert b._call("reserve", 0) == pytest.approx(1.0, abs=0.05) and a._call("reserve", 0) == pytest.approx(2.0, abs=0.05)
+    assert SharedLimit("http://other/v1|m", 60, None)._call("reserve", 0) == 0.0
+
+
 @pytest.mark.slow
 def test_endpoint_build_with_generated_captions_is_cached_and_never_writes_the_key(
         ray_local, world, sft_zoo, served, tmp_path, capfd):

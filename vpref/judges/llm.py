@@ -192,7 +192,7 @@ def build(cfg, actor: str = ""):
     """The LLM judge a JudgeConfig asks for, on its engine."""
     from vpref.judges.engines import make_engine
 
-    return LLMJudge(make_engine(cfg), cfg.rubric, cfg.show_reference, cfg.max_parse_retries, cfg.max_new_tokens,
+    return LLMJudge(make_engine(cfg, name=actor), cfg.rubric, cfg.show_reference, cfg.max_parse_retries, cfg.max_new_tokens,
                     cfg.retry_temperature, actor=actor, mode=cfg.mode, min_label_mass=cfg.min_label_mass,
                     rationale=cfg.rationale)
 

@@ -29,8 +29,8 @@ def model_name(model: str | None) -> str:
     return Path(model or "?").name
 
 
-def make_engine(cfg, require_chat: bool = True):
-    """The engine a JudgeConfig asks for."""
+def make_engine(cfg, require_chat: bool = True, name: str = ""):
+    """The engine a JudgeConfig asks for (`name`: the judge actor, an endpoint's metrics tag)."""
     if cfg.backend == "vllm":
         from vpref.judges.engines.vllm import VLLMChat
 
@@ -38,7 +38,7 @@ def make_engine(cfg, require_chat: bool = True):
     if cfg.backend == "openai":
         from vpref.judges.engines.openai import OpenAIChat
 
-        return OpenAIChat.from_config(cfg)
+        return OpenAIChat.from_config(cfg, name=name)
     from vpref.judges.engines.hf import ChatLM
 
     return ChatLM.load(model_path(cfg.model), cfg.dtype, require_chat=require_chat)

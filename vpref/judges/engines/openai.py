@@ -59,7 +59,7 @@ class OpenAIChat:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.path = model  # what LLMJudge names the judge after
-        self.name = name or model
+        self.name = name or model  # the metrics' judge tag (a judge actor's name)
         self.concurrency = concurrency
         self.prefill, self.top_logprobs = prefill, top_logprobs
         self.prices = (price_input_per_mtok, price_output_per_mtok)
@@ -131,7 +131,7 @@ class OpenAIChat:
             with self._lock:
                 self.totals = self.totals.add(Usage(cache_hits=1))
             return Reply.from_json(cached, sent), Usage(cache_hits=1)
-        self.transport.breaker.check(self.url)  # before the rate limit: a closed endpoint costs no quota
+        self.transport.breaker.check(self.url)  # before the rate limit: an open circuit spends no quota
         estimate = len(prompt) // 4 + int(max_tokens)
         if self.limit is not None:
             self.limit.acquire(estimate)
