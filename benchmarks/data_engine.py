@@ -184,7 +184,7 @@ def judge_scaling(base_cfg, samples, build_dir: Path, tmp: Path, latency: float,
         cfg = load_config(None, [f"judge.kind=llm", f"judge.backend=openai", f"judge.api_base={api}",
                                  "judge.model=api-judge", "judge.api_concurrency=1", "judge.max_parse_retries=0",
                                  f"judge.pool.min={n}", f"judge.pool.max={n}", "judge.pool.batch_size=4",
-                                 "judge.pool.resources={num_cpus: 0.1}"])
+                                 "judge.pool.resources={num_cpus: 0.1}", "judge.api_cache_dir=null"])
         d = tmp / f"judges{n}"
         d.mkdir(parents=True)
         write_shard(d, "responses", responses)

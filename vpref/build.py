@@ -31,23 +31,12 @@ from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.schema import Response, response_id
-from vpref.judges.rubric import load_rubric
+from vpref.judges.registry import judge_identity
 from vpref.utils import log
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
 IN_FLIGHT_PER_REPLICA = 2
-
-
-def judge_identity(cfg) -> tuple[str, str, str]:
-    """(judge name, rubric, rubric version) without loading the judge's model."""
-    if cfg.judge.kind == "reference":
-        from vpref.judges.reference import ReferenceJudge
-
-        j = ReferenceJudge()
-        return j.name, j.rubric, j.rubric_version
-    r = load_rubric(cfg.judge.rubric)
-    return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
 
 
 def batch_seed(run_seed: int, round_: int, member: ZooMember, index: int) -> int:
@@ -363,44 +352,9 @@ class DataEngine:
         ray.get(writer.add_responses.remote(records))
 
     def with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
-        """Fill missing captions with the zoo's captioner (VLM-RLAIF's context), once per video."""
-        need = sorted({s.video for s in samples if not s.caption})
-        captioners = [m for m in self.cfg.zoo if m.role == "captioner"]
-        if not need or not captioners:
-            return samples
-        from vpref.judges.rubric import caption_instruction
+        from vpref.judges.captions import caption_samples  # the captioner (VLM-RLAIF's context), once per video
 
-        cache_path = out / "captions.jsonl"
-        cache = {}
-        if cache_path.is_file():
-            for line in cache_path.read_text().splitlines():
-                row = json.loads(line)
-                cache[row["video"]] = row["caption"]
-        todo = [v for v in need if v not in cache]
-        m = captioners[0]
-        actors = self.generators[m.name]
-        ok = []
-        for v in todo:
-            ref = self.decoders.submit(v)
-            try:
-                ray.get(ref)
-                ok.append((v, ref))
-            except Exception:
-                pass  # the build's own decode step rejects it with the cause
-        calls = []
-        for i in range(0, len(ok), m.batch_size):
-            chunk = ok[i:i + m.batch_size]
-            actor = actors[(i // m.batch_size) % len(actors)]
-            calls.append((chunk, actor.generate.remote([r for _, r in chunk], [caption_instruction()] * len(chunk))))
-        with open(cache_path, "a") as f:
-            for chunk, ref in calls:
-                for (v, _), comps in zip(chunk, ray.get(ref)):
-                    cache[v] = comps[0].text
-                    f.write(json.dumps({"video": v, "caption": cache[v], "model": m.name}) + "\n")
-        log(f"build: captioned {len(todo)} videos with {m.name}")
-        return [s if s.caption or s.video not in cache else
-                Sample(s.id, s.video, s.question, s.answer, cache[s.video], {**s.meta, "caption_by": m.name})
-                for s in samples]
+        return caption_samples(self, samples, out)
 
     def _progress(self, status: dict, depth: int, counts: dict, elapsed: float) -> None:
         rate = status["judged"] / elapsed if elapsed > 0 else 0.0

@@ -1,4 +1,4 @@
-"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, config."""
+"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, judge-eval, config."""
 
 from __future__ import annotations
 
@@ -170,6 +170,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_judge_eval(args) -> int:
+    from pathlib import Path
+
+    from vpref.judges.judge_eval import run_judge_eval
+
+    cfg = _config(args)
+    report = run_judge_eval(cfg)
+    print((Path(cfg.judge_eval.out) / "judge_eval.md").read_text())
+    print(f"judge-eval: {cfg.judge_eval.out}/judge_eval.json, judge_eval.md, judge_eval.png")
+    worst = [r["name"] for r in report["judges"] if (r.get("failure_rate") or 0) > 0.5]
+    if worst:
+        print(f"judge-eval: most judgments failed for {', '.join(worst)} (see failures_by_cause in the JSON)",
+              file=sys.stderr)
+    return 0
+
+
 def cmd_config_show(args) -> int:
     if args.doc:
         for key, default, doc in describe_keys():
@@ -221,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
     s.set_defaults(fn=cmd_demo)
+
+    s = with_config(sub.add_parser("judge-eval", help="measure judges: accuracy on known-truth pairs, agreement, "
+                                                      "position and length bias, failures, speed"))
+    s.set_defaults(fn=cmd_judge_eval)
 
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)

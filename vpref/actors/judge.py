@@ -15,31 +15,7 @@ import ray
 from vpref.config import JudgeConfig
 from vpref.data.schema import Judgment, Verdict, judgment_id
 from vpref.judges.base import ResponseView, SampleView
-
-
-def make_judge(cfg: JudgeConfig, actor: str = ""):
-    """The judge a config asks for (reference judge, or an LLM judge on its backend)."""
-    if cfg.kind == "reference":
-        from vpref.judges.reference import ReferenceJudge
-
-        return ReferenceJudge(actor=actor)
-    from vpref.judges.llm import LLMJudge
-
-    if cfg.backend == "vllm":
-        from vpref.actors.vllm_backend import VLLMChat
-
-        lm = VLLMChat(cfg.model, cfg.dtype, cfg.vllm)
-    elif cfg.backend == "openai":
-        from vpref.models.openai_chat import OpenAIChat
-
-        lm = OpenAIChat(cfg.api_base, cfg.model, cfg.api_key_env, cfg.api_concurrency, cfg.api_timeout_s,
-                        cfg.api_retries)
-    else:
-        from vpref.models.text_lm import ChatLM
-
-        lm = ChatLM.load(cfg.model, cfg.dtype)
-    return LLMJudge(lm, cfg.rubric, cfg.show_reference, cfg.max_parse_retries, cfg.max_new_tokens,
-                    cfg.retry_temperature, actor=actor)
+from vpref.judges.registry import make_judge  # noqa: F401  (its home is the judge registry)
 
 
 def response_item(response_id: str, text: str, sample_id: str, question: str, answer: str | None = None,

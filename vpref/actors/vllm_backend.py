@@ -371,39 +371,9 @@ class VLLMBackend:
                 "startup_seconds": round(self.startup_seconds, 2)}
 
 
-class VLLMChat:
-    """Text-only chat on a vLLM engine for LLM judges: `chat(prompts, ...) -> list[str]`.
+def __getattr__(name):  # VLLMChat moved to the judges' engines; imported lazily (it imports this module)
+    if name == "VLLMChat":
+        from vpref.judges.engines.vllm import VLLMChat
 
-    Same contract as `vpref.models.text_lm.ChatLM`: one user turn per prompt through the
-    tokenizer's chat template, greedy at temperature 0, else top-p 0.95."""
-
-    def __init__(self, path: str | Path, dtype: str = "bfloat16", vcfg=None):
-        vllm = import_vllm()
-        from vpref.config import VLLMConfig
-        from vpref.models.video_lm import SUPPORTED
-
-        vcfg = vcfg if vcfg is not None else VLLMConfig()
-        require_gpus(vcfg.tensor_parallel_size)
-        prepare_ray_env(vcfg.tensor_parallel_size)
-        self.path, self.dtype, self.vcfg = str(path), dtype, vcfg
-        self.tokenizer = _tokenizer(path)
-        if not self.tokenizer.chat_template:
-            raise ValueError(f"{path}: the tokenizer has no chat template; an LLM judge needs an instruct model")
-        cfg = Path(path) / "config.json"
-        self.kind = json.loads(cfg.read_text()).get("model_type", "?") if cfg.is_file() else "?"
-        self.stop_ids = stop_token_ids(self.tokenizer, path)
-        self._vllm = vllm
-        self.llm = vllm.LLM(**chat_engine_kwargs(path, dtype, vcfg, multimodal=self.kind in SUPPORTED))
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def chat(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0) -> list[str]:
-        if not prompts:
-            return []
-        params = [self._vllm.SamplingParams(**chat_sampling_kwargs(max_new_tokens, temperature, seed, i, self.stop_ids))
-                  for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": self.prompt_ids(p)} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].text.strip() for o in outs]
+        return VLLMChat
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -196,6 +196,8 @@ class PairWriter:
             chosen_num_tokens=rc.num_tokens, rejected_num_tokens=rr.num_tokens, judge=jc.judge, rubric=jc.rubric,
             rubric_version=jc.rubric_version, strategy=self.cfg.strategy,
             pairwise="consistent" if self.plan.get("pairwise") else "off",
+            chosen_distributions=jc.distributions, rejected_distributions=jr.distributions,
+            chosen_label_mass=jc.label_mass, rejected_label_mass=jr.label_mass,
         )
 
     # ------------------------------------------------------------------ progress and recovery

@@ -1,6 +1,7 @@
 """The dataset card of a build: counts, score and margin histograms, parse-failure rate, win rate
-per zoo model and per model family, lengths of chosen vs rejected; README.md + card.json + a PNG
-in the folder."""
+per zoo model and per model family, lengths of chosen vs rejected, and the judge's own figures (failure rate by cause,
+score distribution, label mass, endpoint usage and cost, generated captions); README.md +
+card.json + a PNG in the folder."""
 
 from __future__ import annotations
 
@@ -51,6 +52,67 @@ def family_win_rates(win: dict, families: dict[str, str], resp, ok) -> dict:
         f["win_rate"] = round(f["chosen"] / (f["chosen"] + f["rejected"]), 3) if f["chosen"] + f["rejected"] else None
         f["mean_score"] = round(float(np.mean(scores)), 3) if len(scores) else None
     return dict(sorted(out.items()))
+def _q(values, q) -> float | None:
+    return round(float(np.quantile(values, q)), 4) if len(values) else None
+
+
+def judge_stats(judg, verd, out_dir: str | Path | None = None) -> dict:
+    """The judge's figures, from the judgments and verdicts tables alone (columns a table written
+    before they existed reads as null)."""
+    n = len(judg)
+    ok = judg[judg.ok] if n else judg
+    total = lambda df, c: float(df[c].fillna(0).astype(float).sum()) if len(df) else 0.0  # noqa: E731
+    aspects: dict[str, list[float]] = {}
+    masses: list[float] = []
+    for scores, mass in zip(ok.scores, ok.label_mass) if n else ():
+        for e in scores if scores is not None else []:
+            aspects.setdefault(e["key"], []).append(e["value"])
+        if mass is not None and len(mass):
+            masses.append(min(e["value"] for e in mass))
+    usage = {"requests": int(total(judg, "requests") + total(verd, "requests")),
+             "input_tokens": int(total(judg, "input_tokens") + total(verd, "input_tokens")),
+             "output_tokens": int(total(judg, "output_tokens") + total(verd, "output_tokens")),
+             "cost_usd": round(total(judg, "cost_usd") + total(verd, "cost_usd"), 6),
+             "cache_hits": int(total(judg, "cache_hit"))}
+    stats = {
+        "judges": sorted(set(judg.judge)) if n else [],
+        "judgments": n,
+        "failure_rate": round(float((~judg.ok).mean()), 4) if n else 0.0,
+        "failures_by_cause": dict(Counter(f or "other" for f in judg.failure[~judg.ok])) if n else {},
+        "paths": dict(Counter(p or "?" for p in judg.path)) if n else {},
+        "overall": {"mean": round(float(ok.overall.mean()), 4) if len(ok) else None,
+                    "p10": _q(ok.overall, 0.1), "median": _q(ok.overall, 0.5), "p90": _q(ok.overall, 0.9)},
+        "aspect_means": {a: round(float(np.mean(v)), 4) for a, v in aspects.items()},
+        "label_mass": {"min": _q(masses, 0.0), "p10": _q(masses, 0.1), "median": _q(masses, 0.5)} if masses else None,
+        "usage": usage,
+    }
+    if out_dir is not None:
+        from vpref.judges.captions import caption_stats
+
+        stats["generated_captions"] = caption_stats(out_dir)
+    return stats
+
+
+def _judge_markdown(j: dict) -> str:
+    causes = ", ".join(f"{k} {v}" for k, v in j["failures_by_cause"].items()) or "none"
+    mass = j["label_mass"]
+    mass_line = (f"Label mass (least over a judgment's aspects): min {mass['min']}, 10th percentile {mass['p10']}, "
+                 f"median {mass['median']}.\n" if mass else "")
+    u = j["usage"]
+    caps = j.get("generated_captions") or {}
+    cap_line = (f"Generated captions: {caps['questions']} questions ({caps['videos']} videos) read a caption written by "
+                f"{', '.join(caps['models'])} from {caps['clips']} clips (`captions.jsonl`).\n"
+                if caps.get("videos") else "")
+    o = j["overall"]
+    return f"""## Judge
+
+Judge {', '.join(f'`{x}`' for x in j['judges']) or '-'}: {j['judgments']} judgments, failure rate
+{j['failure_rate']:.1%} (by cause: {causes}); produced by {', '.join(f'{k} {v}' for k, v in j['paths'].items()) or '-'}.
+Overall score of the successful judgments: mean {o['mean']}, 10th percentile {o['p10']}, median {o['median']},
+90th percentile {o['p90']}; per aspect {j['aspect_means']}.
+{mass_line}Endpoint usage: {u['requests']} requests, {u['cache_hits']} judgments from the cache, {u['input_tokens']} input and
+{u['output_tokens']} output tokens, cost ${u['cost_usd']:.4f}.
+{cap_line}"""
 
 
 def card_stats(out_dir: str | Path) -> dict:
@@ -92,6 +154,7 @@ def card_stats(out_dir: str | Path) -> dict:
         "mean_tokens": {"chosen": round(float(pairs.chosen_num_tokens.mean()), 2) if len(pairs) else None,
                         "rejected": round(float(pairs.rejected_num_tokens.mean()), 2) if len(pairs) else None},
         "failure_examples": judg[~judg.ok][["response_id", "error"]].head(5).to_dict("records") if n_judg else [],
+        "judge": judge_stats(judg, verd, out),
     }
 
 
@@ -124,6 +187,7 @@ rubric `{build.get('rubric', '?')}`; pair strategy `{build.get('pairs', {}).get(
 Pairwise verdicts: {stats['verdicts']} ({stats['verdicts_inconsistent']} inconsistent across the two orders, dropped).
 Chosen scored above rejected in {stats['chosen_beats_rejected']} of the pairs. Pairs by question family: {stats['pairs_by_family']}.
 
+{_judge_markdown(stats['judge'])}
 ## Zoo models
 
 | model | family | responses | mean judge score | chosen | rejected | win rate |

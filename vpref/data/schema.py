@@ -18,13 +18,14 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2  # 2: keyed lists instead of maps (loadable by HF datasets), float scores
+SCHEMA_VERSION = 3  # 2: keyed lists instead of maps (loadable by HF datasets), float scores; 3: judge
+# distributions (JSON strings), label mass, path, failure kind, usage and cost
 
 
 def response_id(round_: int, sample_id: str, model: str, index: int) -> str:
@@ -78,6 +79,17 @@ class Judgment:
     raw: str | None = None
     attempts: int = 1
     judge_actor: str = ""
+    # Distributional judges: per aspect the label distribution (renormalised; `scores` holds its
+    # expected value) and the label mass before renormalising.
+    distributions: dict[str, dict[str, float]] = field(default_factory=dict)
+    label_mass: dict[str, float] = field(default_factory=dict)
+    path: str = ""  # what produced it: logprobs | text | likelihood | reference (several: comma-joined)
+    failure: str = ""  # why it failed, one word: low_mass | unparsed | endpoint | circuit_open | no_context
+    requests: int = 0  # endpoint requests sent for it (cache hits excluded)
+    cache_hit: bool = False  # answered from the judgment cache, at no cost
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
 
 
 @dataclass
@@ -96,6 +108,20 @@ class Verdict:
     raw: str | None = None
     judge: str = ""
     judge_actor: str = ""
+    # Distributional verdicts: the verdict labels' probabilities in each order, and their symmetrised
+    # P(first is better) = (p_ab[A] + p_ba[B]) / 2.  `consistent`: both orders prefer the same answer.
+    probs_ab: dict[str, float] = field(default_factory=dict)  # first shown as A
+    probs_ba: dict[str, float] = field(default_factory=dict)  # second shown as A
+    p_first: float | None = None
+    label_mass_ab: float | None = None
+    label_mass_ba: float | None = None
+    path: str = ""
+    failure: str = ""
+    requests: int = 0
+    cache_hit: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
 
     @property
     def preferred(self) -> str | None:
@@ -135,6 +161,11 @@ class Pair:
     rubric_version: str
     strategy: str
     pairwise: str  # "off" | "consistent"
+    # the judge's label distributions per aspect and their label mass (distributional judges)
+    chosen_distributions: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected_distributions: dict[str, dict[str, float]] = field(default_factory=dict)
+    chosen_label_mass: dict[str, float] = field(default_factory=dict)
+    rejected_label_mass: dict[str, float] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- Arrow
@@ -148,6 +179,10 @@ def keyed(value_type: pa.DataType) -> pa.DataType:
 
 _SCORES = keyed(pa.float64())
 _SAMPLING = keyed(pa.float64())
+# Nested values (label distributions per aspect) are JSON strings: any rubric, any labels.
+JSON_FIELDS = {"distributions", "chosen_distributions", "rejected_distributions"}
+_USAGE = [("requests", pa.int32()), ("cache_hit", pa.bool_()), ("input_tokens", pa.int64()),
+          ("output_tokens", pa.int64()), ("cost_usd", pa.float64())]
 
 SCHEMAS: dict[str, pa.Schema] = {
     "responses": pa.schema([
@@ -162,12 +197,16 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("judge", pa.string()), ("rubric", pa.string()), ("rubric_version", pa.string()), ("ok", pa.bool_()),
         ("scores", _SCORES), ("overall", pa.float64()), ("rationale", pa.string()), ("error", pa.string()),
         ("raw", pa.string()), ("attempts", pa.int32()), ("judge_actor", pa.string()),
+        ("distributions", pa.string()), ("label_mass", _SCORES), ("path", pa.string()), ("failure", pa.string()),
+        *_USAGE,
     ]),
     "verdicts": pa.schema([
         ("verdict_id", pa.string()), ("sample_id", pa.string()), ("first_id", pa.string()),
         ("second_id", pa.string()), ("winner_ab", pa.string()), ("winner_ba", pa.string()), ("ok", pa.bool_()),
         ("consistent", pa.bool_()), ("error", pa.string()), ("raw", pa.string()), ("judge", pa.string()),
-        ("judge_actor", pa.string()),
+        ("judge_actor", pa.string()), ("probs_ab", _SCORES), ("probs_ba", _SCORES), ("p_first", pa.float64()),
+        ("label_mass_ab", pa.float64()), ("label_mass_ba", pa.float64()), ("path", pa.string()),
+        ("failure", pa.string()), *_USAGE,
     ]),
     "pairs": pa.schema([
         ("pair_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
@@ -179,7 +218,8 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("rejected_rationale", pa.string()), ("chosen_sampling", _SAMPLING), ("rejected_sampling", _SAMPLING),
         ("chosen_num_tokens", pa.int32()), ("rejected_num_tokens", pa.int32()), ("judge", pa.string()),
         ("rubric", pa.string()), ("rubric_version", pa.string()), ("strategy", pa.string()),
-        ("pairwise", pa.string()),
+        ("pairwise", pa.string()), ("chosen_distributions", pa.string()), ("rejected_distributions", pa.string()),
+        ("chosen_label_mass", _SCORES), ("rejected_label_mass", _SCORES),
     ]),
 }
 KEYS = {"responses": "response_id", "judgments": "judgment_id", "verdicts": "verdict_id", "pairs": "pair_id"}
@@ -187,22 +227,33 @@ RECORDS = {"responses": Response, "judgments": Judgment, "verdicts": Verdict, "p
 
 
 def _row(record) -> dict:
-    # Fields are flat (scalars and str->scalar dicts), so no deep copy (asdict) is needed.
+    # Fields are flat (scalars and str->scalar dicts, or JSON), so no deep copy (asdict) is needed.
     row = {f.name: getattr(record, f.name) for f in fields(record)}
     for k, v in row.items():
-        if isinstance(v, dict):
+        if k in JSON_FIELDS:
+            row[k] = json.dumps(v, sort_keys=True)
+        elif isinstance(v, dict):
             row[k] = [{"key": key, "value": value} for key, value in v.items()]
     return row
 
 
-def _unkey(v):
+def _unkey(k, v):
+    if k in JSON_FIELDS:
+        return json.loads(v) if v else {}
     return {e["key"]: e["value"] for e in v} if isinstance(v, list) else v
 
 
 def from_row(table: str, row: dict):
     cls = RECORDS[table]
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: _unkey(v) for k, v in row.items() if k in names})
+    # a column added after a shard was written reads as null there: take the field's default
+    defaulted = {f.name for f in fields(cls)
+                 if f.default not in (MISSING, None) or f.default_factory is not MISSING}
+    return cls(**{k: _unkey(k, v) for k, v in row.items()
+                  if k in _field_names(cls) and not (v is None and k in defaulted and k not in JSON_FIELDS)})
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}
 
 
 def write_shard(folder: str | Path, table: str, records: list) -> Path | None:

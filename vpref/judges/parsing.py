@@ -72,3 +72,17 @@ def parse_winner(text: str) -> tuple[str, str]:
     if len(picks) != 1:
         raise JudgeParseError(f"winner must be one of A or B, got {sorted(picks)}")
     return picks.pop(), (found.get("rationale") or [""])[0]
+
+
+def parse_label(text: str, labels) -> str:
+    """The label a reply gives where its header ends ("Relevance: 4", "{'score': 3}"): the text must
+    start with one of the labels, followed by nothing that would make it another word or number.
+    Lenient only on presentation (spaces, markdown, quotes, a trailing "/5" or full stop)."""
+    s = (text or "").lstrip(" \t*_\"'`([")
+    for lbl in sorted(labels, key=len, reverse=True):
+        if s.startswith(lbl):
+            rest = s[len(lbl):]
+            if not rest or not (rest[0].isalnum() or (rest[0] == "." and rest[1:2].isdigit())):
+                return lbl
+    shown = s.splitlines()[0][:40] if s.strip() else "nothing"
+    raise JudgeParseError(f"{shown!r} is not one of the labels {', '.join(labels)}")

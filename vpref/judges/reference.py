@@ -110,13 +110,14 @@ class ReferenceJudge:
                 judgment_id=judgment_id(r.response_id, self.name), response_id=r.response_id,
                 sample_id=sample.sample_id, judge=self.name, rubric=self.rubric,
                 rubric_version=self.rubric_version, ok=True, scores=s, overall=self.overall(s),
-                rationale=", ".join(f"{a} {v}" for a, v in s.items()), judge_actor=self.actor,
+                rationale=", ".join(f"{a} {v}" for a, v in s.items()), judge_actor=self.actor, path="reference",
             ))
         return out
 
     def _failed(self, sample, r, error) -> Judgment:
         return Judgment(judgment_id(r.response_id, self.name), r.response_id, sample.sample_id, self.name,
-                        self.rubric, self.rubric_version, ok=False, error=error, judge_actor=self.actor)
+                        self.rubric, self.rubric_version, ok=False, error=error, judge_actor=self.actor,
+                        path="reference", failure="no_context")
 
     def compare(self, sample: SampleView, first: ResponseView, second: ResponseView) -> Verdict:
         """Pick the higher overall score in each order; a tie goes to position A, so ties come
@@ -130,5 +131,14 @@ class ReferenceJudge:
         return Verdict(
             verdict_id="", sample_id=sample.sample_id, first_id=first.response_id, second_id=second.response_id,
             winner_ab=ab, winner_ba=ba, ok=True, consistent=(ab == "A") != (ba == "A"), judge=self.name,
-            judge_actor=self.actor,
+            judge_actor=self.actor, path="reference",
         )
+
+
+def build(cfg, actor: str = ""):
+    return ReferenceJudge(actor=actor)
+
+
+def identity(cfg) -> tuple[str, str, str]:
+    j = ReferenceJudge()
+    return j.name, j.rubric, j.rubric_version

@@ -1,7 +1,9 @@
 """Rubrics: judge prompts kept as Jinja2 template files (vpref/judges/rubrics/*.j2).
 
 Each rubric names its aspects and scale; its version is a hash of the template text, so every
-judgment records exactly which prompt produced it.
+judgment records exactly which prompt produced it.  A distributional judge reads the reply the
+template asks for ("Relevance: 4\nAccuracy: 2 ...") label by label: `Rubric.steps()` gives, per
+aspect, the text before its score and the score labels.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ ASPECTS = {
     "vlmrlaif": ("accurate", "helpful", "natural", "concise"),
 }
 SCALE = (1, 5)
+PAIRWISE_PREFILL = "Winner: "  # pairwise.j2's reply starts so; its labels are the two positions
+PAIRWISE_LABELS = ("A", "B")
+RATIONALE_HEADER = "\nRationale: "  # asked after the scores, never before them
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(RUBRIC_DIR),
@@ -41,6 +46,16 @@ class Rubric:
         return _env.get_template(f"{self.name}.j2").render(
             question=question, response=response, context=context, reference=reference
         ).strip()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        lo, hi = self.scale
+        return tuple(str(i) for i in range(lo, hi + 1))
+
+    def steps(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """(text before the score, score labels) per aspect, in the order the reply gives them."""
+        return tuple((("" if i == 0 else "\n") + f"{a.capitalize()}: ", self.labels)
+                     for i, a in enumerate(self.aspects))
 
 
 def _version(name: str) -> str:
