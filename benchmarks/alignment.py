@@ -10,6 +10,7 @@ On the synthetic world, for each seed (SFT initialisation, sampling, each round'
 * Iter-W2S, alpha fixed            (reference := previous policy, alpha 0.3)
 * Iter-W2S, alpha chosen by judge  (alpha from {0, 0.3, 0.6} by the dev judge score; the demo default)
 * Iter-W2S, reference kept at SFT  (alpha 0.3; the "no reference update" ablation)
+* under-trained DPO (1 epoch), alpha 0; alpha fixed at 1.0; alpha chosen by the judge from {0, 0.5, 1, 2}
 
 Each run is a real `vpref run` (Ray Train DPO included); test accuracy and judge score per round
 go to JSON, and a PNG plots the mean over seeds with the spread.
@@ -37,6 +38,11 @@ VARIANTS = {
     "iter_w2s_alpha_fixed": ["loop.alpha=0.3", "loop.alpha_grid=null"],
     "iter_w2s_alpha_judge": [],  # the defaults: alpha grid picked on dev
     "iter_w2s_ref_sft": ["loop.alpha=0.3", "loop.alpha_grid=null", "loop.reference=initial"],
+    # Under-trained DPO (one epoch instead of three), where ExPO is expected to help most: the
+    # extrapolation should recover part of the training that was not done.
+    "under_dpo": ["dpo.epochs=1", "loop.alpha=0.0", "loop.alpha_grid=null"],
+    "under_w2s_alpha_fixed": ["dpo.epochs=1", "loop.alpha=1.0", "loop.alpha_grid=null"],
+    "under_w2s_alpha_judge": ["dpo.epochs=1", "loop.alpha_grid=[0.0, 0.5, 1.0, 2.0]"],
 }
 
 
