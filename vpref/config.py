@@ -314,7 +314,8 @@ class EvalJudgeConfig(_Section):
     temperature: float = F(0.0, "llm: sampling temperature of the first attempt (0: greedy)", ge=0)
     retry_temperature: float = F(0.7, "llm: temperature of the re-asks after an unparseable reply", ge=0)
     max_retries: int = F(3, "llm: re-asks of an unparseable reply before it is recorded as a failure", ge=0)
-    max_new_tokens: int = F(128, "llm: longest judge reply in tokens", ge=1)
+    max_new_tokens: int | None = F(None, "llm: longest judge reply in tokens; null: each protocol's own (32 for "
+                                         "the dict replies, 160 for the explained ones)", ge=1)
     batch_size: int = F(16, "llm: prompts per engine call", ge=1)
     num_cpus: float = F(1.0, "llm: CPUs of the judge actor", ge=0)
     num_gpus: float = F(0.0, "llm: GPUs of the judge actor (hf backend: > 0 puts the model on cuda)", ge=0)

@@ -5,6 +5,7 @@ suites (`vpref.eval.suites`) on the same answers.  Used by the Iter-W2S driver a
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import ray
@@ -76,18 +77,28 @@ class Evaluator:
 
     def suites(self, runner: SuiteRunner, checkpoint: str, version: int, rows: list[dict]) -> tuple[dict, list[dict]]:
         """The configured suites on the loaded policy (`checkpoint`): answers the split already gave
-        are reused; the baseline's answers come from the cache, else are made once (the baseline is
-        loaded for that, then `checkpoint` again)."""
-        answers = self.answer(runner.asks, {(r["video"], r["question"]): r["answer"] for r in rows})
+        (or the cache holds) are reused, and all are cached; the baseline's answers come from the
+        cache, else are made once (the baseline is loaded for that, then `checkpoint` again)."""
+        t0 = time.perf_counter()
+        have = {**runner.cache.get(checkpoint), **{(r["video"], r["question"]): r["answer"] for r in rows}}
+        answers = self.answer(runner.asks, have)
+        runner.cache.put(checkpoint, answers)  # a later comparison against this checkpoint reads them
+        made = {"answers": sum(k not in have for k in runner.asks), "baseline_answers": 0}
 
         def baseline(asks):
+            made["baseline_answers"] = len(asks)
             self.engine.reload_policy(runner.baseline, version=0)
             try:
                 return self.answer(asks)
             finally:
                 self.engine.reload_policy(checkpoint, version=version)
 
-        return runner.run(answers, runner.baseline_answers(checkpoint, answers, baseline))
+        base = runner.baseline_answers(checkpoint, baseline)
+        t1 = time.perf_counter()
+        metrics, ratings = runner.run(answers, base)
+        # what the suites added to the round: generations beyond the split's, and time
+        metrics["cost"] = {**made, "generate_s": round(t1 - t0, 2), "judge_and_stats_s": round(time.perf_counter() - t1, 2)}
+        return metrics, ratings
 
 
 def suite_runner(cfg: Config, run_dir: Path, rejects: Path, suites: list[str] | None = None):

@@ -75,7 +75,7 @@ class LLMSuiteJudge:
     OpenAIChat, VLLMChat): the protocol's template rendered, the reply parsed with the protocol's
     own rule; unparsed replies re-asked (sampled, new seed) up to `max_retries` times."""
 
-    def __init__(self, engine, templates_dir: str | None = None, max_retries: int = 3, max_new_tokens: int = 128,
+    def __init__(self, engine, templates_dir: str | None = None, max_retries: int = 3, max_new_tokens: int | None = None,
                  temperature: float = 0.0, retry_temperature: float = 0.7, batch_size: int = 16):
         self.engine = engine
         self.templates = templates(str(templates_dir) if templates_dir else None)
@@ -89,10 +89,10 @@ class LLMSuiteJudge:
     def suite_version(self, suite: str, protocols) -> str:
         return self.templates.suite_version(suite, protocols)
 
-    def _chat(self, prompts: list[str], temperature: float, seed: int) -> list[str]:
+    def _chat(self, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
         out = []
         for i in range(0, len(prompts), self.batch_size):
-            out += self.engine.chat(prompts[i:i + self.batch_size], self.max_new_tokens, temperature, seed=seed)
+            out += self.engine.chat(prompts[i:i + self.batch_size], max_new_tokens, temperature, seed=seed)
         return out
 
     def rate(self, proto: str, items: list[Item]) -> list[Rating]:
@@ -111,7 +111,8 @@ class LLMSuiteJudge:
                 break
             temp = self.temperature if attempt == 0 else self.retry_temperature
             try:
-                replies = self._chat([prompts[k] for k in todo], temp, seed=attempt)
+                replies = self._chat([prompts[k] for k in todo], self.max_new_tokens or p.reply_tokens, temp,
+                                     seed=attempt)
             except Exception as e:  # the engine itself failed (an endpoint down): every item left fails
                 for k in todo:
                     ratings[k] = Rating(items[k].id, False, error=f"judge engine failed: {type(e).__name__}: {e}",

@@ -130,6 +130,7 @@ class Protocol:
     prefill: str | None = None  # distributional hook: the reply prefix that precedes the label
     labels: tuple[str, ...] | None = None  # ... and the labels whose probabilities are read
     words_limit: dict | None = None  # fields cut to this many words before rendering
+    reply_tokens: int = 32  # how long a reply may be (a dict string is short; an explanation is not)
 
     def from_label_probs(self, probs: dict[str, float]) -> dict:
         """A judgment from probabilities over `labels` (the distributional path): the most likely
@@ -158,9 +159,9 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              parse_score_dict, "{'score': ", _SCORES_0_5),
     Protocol("zeroshot_qa", _QA, parse_yes_no_dict, "{'pred': '", ("yes", "no")),
     Protocol("grounded_hound", ("caption",) + _QA, parse_hound_score, "Score: ", ("1", "2", "3", "4", "5"),
-             words_limit={"prediction": 256}),
+             words_limit={"prediction": 256}, reply_tokens=160),
     Protocol("winrate_pairwise", ("caption", "question", "answer", "response_a", "response_b"), parse_verdict,
-             "[[", ("A", "B", "C")),
+             "[[", ("A", "B", "C"), reply_tokens=160),
 )}
 
 

@@ -167,13 +167,10 @@ class SuiteRunner:
         if rejects_path is not None:
             append_rejects(rejects_path, rejects)
 
-    def baseline_answers(self, checkpoint: str, answers: dict, generate_baseline) -> dict | None:
-        """The baseline's answers to every ask; None when `checkpoint` is the baseline (its answers
-        are cached for later rounds instead).  `generate_baseline(asks)` makes the missing ones."""
-        if "winrate" not in self.suites or self.baseline is None:
-            return None
-        if same_checkpoint(checkpoint, self.baseline):
-            self.cache.put(self.baseline, answers)
+    def baseline_answers(self, checkpoint: str, generate_baseline) -> dict | None:
+        """The baseline's answers to every ask; None when `checkpoint` is the baseline (the win rate
+        is then skipped).  The cache is read first; `generate_baseline(asks)` makes the missing ones."""
+        if "winrate" not in self.suites or self.baseline is None or same_checkpoint(checkpoint, self.baseline):
             return None
         have = self.cache.get(self.baseline)
         missing = [k for k in self.asks if k not in have]
