@@ -142,7 +142,7 @@ def _scores(folder: Path) -> dict[str, dict[str, float]]:
     out: dict = {}
     for r in map(json.loads, (folder / "eval_ratings.jsonl").read_text().splitlines()):
         if r["suite"] == "videochatgpt":
-            out.setdefault(r["protocol"], {})[r["item"]] = r["value"]["score"] if r["ok"] else np.nan
+            out.setdefault(r["protocol"], {})[r["item_id"]] = r["value"]["score"] if r["ok"] else np.nan
     return out
 
 

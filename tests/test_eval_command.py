@@ -6,16 +6,33 @@ import json
 
 import pytest
 
-from tests.conftest import engine_config
-
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def sft_zoo(tmp_path_factory, tiny_tokenizer):
+    """Two tiny checkpoints (random weights: what they say does not matter here, that every suite
+    runs on it does): 'policy' (the SFT start, the win rate's baseline) and 'other'."""
+    from vpref.models.tiny import build_tiny
+
+    d = tmp_path_factory.mktemp("evalzoo")
+    for seed, name in enumerate(("policy", "other")):
+        build_tiny(d / name, "1m", seed=seed, tokenizer=tiny_tokenizer)
+    return d
+
+
 def _args(world, sft_zoo, tmp_path, *extra):
-    cfg = engine_config(world, sft_zoo, tmp_path / "run")
+    from vpref.config import load_config
+
+    cfg = load_config(None, [
+        f"data.root={world}", f"data.train={world}/train.jsonl", f"data.dev={world}/dev.jsonl",
+        f"data.test={world}/test.jsonl", f"run.out_dir={tmp_path / 'run'}",
+        f"zoo=[{{name: policy, path: '{sft_zoo}/policy', policy: true, batch_size: 16, resources: {{num_cpus: 0.5}}}}]",
+    ])
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(cfg.to_yaml())
-    return [str(cfg_path), "--set", "eval.bootstrap=200", "--set", "eval.max_samples=12", *extra]
+    return [str(cfg_path), "--set", "eval.bootstrap=200", "--set", "eval.max_samples=12", "--set",
+            "eval.max_new_tokens=16", *extra]
 
 
 def test_eval_command_runs_every_suite_with_the_reference_judge(ray_local, world, sft_zoo, tmp_path, capsys):

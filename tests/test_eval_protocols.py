@@ -170,7 +170,7 @@ def test_zero_shot_accounting_with_an_llm_judge_yes_no_neither_and_failures(scri
     assert m["accuracy"]["value"] == pytest.approx(2 / 4)  # yes / (yes + no)
     assert m["score"]["value"] == pytest.approx((4 + 5 + 1 + 3 + 2) / 5) and m["score"]["n"] == 5
     assert asked.count("p4") == 2 and asked.count("p5") == 3 and asked.count("p0") == 1
-    failed = next(r for r in rows if r["item"] == "s5")
+    failed = next(r for r in rows if r["item_id"] == "s5")
     assert not failed["ok"] and failed["raw"] == "nonsense" and "after 3 attempts" in failed["error"]
     assert metrics["version"].startswith("zeroshot@")
 

@@ -227,8 +227,8 @@ class RemoteSuiteJudge:
 
         self._ray = ray
         self.actor = ray.remote(_JudgeHost).options(
-            name="eval-judge", namespace=namespace, num_cpus=jcfg.num_cpus, num_gpus=jcfg.num_gpus,
-            max_restarts=1, max_task_retries=1).remote(jcfg.model_dump())
+            name="eval-judge", namespace=namespace, get_if_exists=True, num_cpus=jcfg.num_cpus,
+            num_gpus=jcfg.num_gpus, max_restarts=1, max_task_retries=1).remote(jcfg.model_dump())
         self.name = ray.get(self.actor.info.remote())["name"]
 
     def version(self, proto: str) -> str:

@@ -82,9 +82,8 @@ def _fields(s: Sample, prediction: str) -> dict:
             "family": s.family}
 
 
-def _rows(suite: str, proto: str, items: list[Item], ratings: list[Rating], set_name: str | None = None) -> list[dict]:
-    return [{"suite": suite, "protocol": proto, "set": set_name, "item": it.id, **r.to_json()}
-            for it, r in zip(items, ratings)]
+def _rows(suite: str, proto: str, ratings: list[Rating], set_name: str | None = None) -> list[dict]:
+    return [{"suite": suite, "protocol": proto, "set": set_name, **r.to_json()} for r in ratings]
 
 
 def _values(ratings: list[Rating], key: str) -> np.ndarray:
@@ -128,7 +127,7 @@ def videochatgpt(sets: EvalSets, ctx: SuiteContext) -> tuple[dict, list[dict]]:
         dims[dim] = _with_failed(stats.mean(values, counts[set_name]), ratings)
         columns.append((values, counts[set_name]))
         failures += ratings
-        rows += _rows("videochatgpt", proto, items, ratings, set_name)
+        rows += _rows("videochatgpt", proto, ratings, set_name)
     complete = len(columns) == len(VCGPT_DIMENSIONS)
     mean = stats.mean_of_means(columns).to_json() if complete else {"value": None, "ci95": [None, None], "n": 0}
     return {"dimensions": dims, "mean": mean, "failure_reasons": _failure_reasons(failures)}, rows
@@ -148,7 +147,7 @@ def zeroshot(sets: EvalSets, ctx: SuiteContext) -> tuple[dict, list[dict]]:
                      "yes": int(yes.sum()), "no": int(decided.sum() - yes.sum()),
                      "neither": sum(p == "neither" for p in pred), "failed": sum(not r.ok for r in ratings),
                      "items": len(items), "failure_reasons": _failure_reasons(ratings)}
-        rows += _rows("zeroshot", "zeroshot_qa", items, ratings, name)
+        rows += _rows("zeroshot", "zeroshot_qa", ratings, name)
     return {"sets": out}, rows
 
 
@@ -165,7 +164,7 @@ def grounded(sets: EvalSets, ctx: SuiteContext) -> tuple[dict, list[dict]]:
                      "share_ge3": stats.mean(at_least_3, counts).to_json(),
                      "score_failures_as_1": stats.mean(as_1, counts).to_json(),
                      "items": len(items), "failure_reasons": _failure_reasons(ratings)}
-        rows += _rows("grounded", "grounded_hound", items, ratings, name)
+        rows += _rows("grounded", "grounded_hound", ratings, name)
     return {"sets": out}, rows
 
 
@@ -215,7 +214,7 @@ def winrate(sets: EvalSets, ctx: SuiteContext) -> tuple[dict, list[dict]]:
                        "baseline": float(np.mean([len(b) for b in base])) if base else None},
         "failure_reasons": _failure_reasons(ratings),
     }
-    return metrics, _rows("winrate", "winrate_pairwise", items, ratings)
+    return metrics, _rows("winrate", "winrate_pairwise", ratings)
 
 
 SUITES = {"videochatgpt": videochatgpt, "zeroshot": zeroshot, "grounded": grounded, "winrate": winrate}
