@@ -175,6 +175,22 @@ def test_zero_shot_accounting_with_an_llm_judge_yes_no_neither_and_failures(scri
     assert metrics["version"].startswith("zeroshot@")
 
 
+def test_grounded_mean_share_and_the_papers_fallback(scripted_endpoint):
+    script, _, engine = scripted_endpoint
+    script.update({"p0": ["Right colour.\nScore: 4"], "p1": ["Wrong.\nScore: 2"], "p2": ["Mostly. Score: 3.5"],
+                   "p3": ["between 2 and 5, I say 5"], "p4": ["no idea"]})
+    preds = ["p0", "p1", "p2", "p3", "p4"]
+    samples = [Sample(f"s{i}", f"/v{i}.mp4", f"q{i}?", "answer", "a caption", {"family": "colour"})
+               for i in range(len(preds))]
+    answers = {(s.video, s.question): p for s, p in zip(samples, preds)}
+    metrics, _ = run_suite("grounded", EvalSets(qa={"toy": samples}),
+                           SuiteContext(LLMSuiteJudge(engine, max_retries=0), answers, reps=200))
+    m = metrics["sets"]["toy"]
+    assert m["score"]["value"] == pytest.approx((4 + 2 + 3.5 + 5) / 4) and m["score"]["failed"] == 1
+    assert m["share_ge3"]["value"] == pytest.approx(3 / 4)
+    assert m["score_failures_as_1"]["value"] == pytest.approx((4 + 2 + 3.5 + 5 + 1) / 5)  # LLaVA-Hound's figure
+
+
 def test_video_chatgpt_aggregation_per_dimension_and_mean_of_five(scripted_endpoint):
     script, _, engine = scripted_endpoint
     # a prediction gets the same score in every dimension's template

@@ -227,6 +227,9 @@ def collect_metrics(cfg: Config, state: RunState) -> dict:
 
 
 def print_table(metrics: dict) -> None:
+    j = metrics["rounds"][0]["eval"]["judge"]
+    print(f"Test split: exact match and the build judge `{j['name']}` ({j['rubric_version']}); "
+          "bootstrap 95% intervals in brackets")
     print(table(metrics["rounds"]))
     extra = suite_tables(metrics["rounds"], compact=True)
     if extra:

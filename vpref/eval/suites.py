@@ -87,7 +87,8 @@ def _rows(suite: str, proto: str, ratings: list[Rating], set_name: str | None = 
 
 
 def _values(ratings: list[Rating], key: str) -> np.ndarray:
-    return np.array([float(r.value[key]) if r.ok else np.nan for r in ratings])
+    """The ratings' `key` values, NaN where a rating failed (or, distributional, lacks that value)."""
+    return np.array([float(r.value[key]) if r.ok and key in r.value else np.nan for r in ratings])
 
 
 def _with_failed(est: stats.Estimate, ratings: list[Rating]) -> dict:
