@@ -356,6 +356,7 @@ class EvalConfig(_Section):
     bootstrap: int = F(1000, "bootstrap replicates of every interval", ge=50)
     seed: int = F(0, "seed of the bootstrap and of the max_items sample")
     lc_l1: float = F(1e-3, "L1 penalty of the length-controlled win rate's GLM", ge=0)
+    lc_bootstrap: int = F(400, "bootstrap replicates of the length-controlled win rate (each refits the GLM)", ge=50)
 
 
 class Config(_Section):

@@ -12,7 +12,7 @@ import ray
 
 from vpref.actors.judge import response_item
 from vpref.config import Config
-from vpref.data.manifest import Sample, append_rejects
+from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.world import FAMILIES, is_correct
 from vpref.eval.evaluate import EvalRecord, compute_metrics
 from vpref.eval.judge import suite_judge
@@ -35,8 +35,6 @@ class Evaluator:
                 self.clips[v] = ref
             except Exception as e:
                 self.failed_videos[v] = str(e).splitlines()[-1]
-        from vpref.data.manifest import Reject
-
         bad = self.failed_videos
         append_rejects(rejects_path, [Reject("decode", 0, s.id, f"video {s.video}: {bad[s.video]}", s.to_row())
                                       for s in samples if s.video in bad])

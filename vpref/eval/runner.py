@@ -184,7 +184,7 @@ class SuiteRunner:
     def run(self, answers: dict, baseline: dict | None) -> tuple[dict, list[dict]]:
         e = self.cfg.eval
         ctx = SuiteContext(self.judge, answers, baseline, self.baseline, tuple(e.winrate_sets), e.bootstrap, e.seed,
-                           e.lc_l1)
+                           e.lc_l1, e.lc_bootstrap)
         metrics: dict = {"judge": {"name": self.judge.name}, "missing_sets": dict(self.sets.missing)}
         rows: list[dict] = []
         for name in self.suites:

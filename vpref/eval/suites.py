@@ -75,6 +75,7 @@ class SuiteContext:
     reps: int = 1000
     seed: int = 0
     lc_l1: float = 1e-3
+    lc_reps: int = 400
 
 
 def _fields(s: Sample, prediction: str) -> dict:
@@ -204,7 +205,7 @@ def winrate(sets: EvalSets, ctx: SuiteContext) -> tuple[dict, list[dict]]:
         groups.append(s.family or set_name)
     counts = stats.resample_counts(len(outcomes), ctx.reps, ctx.seed + 30)
     raw = stats.win_rate(outcomes, counts)
-    lc = stats.length_controlled(y, dlen, groups, ctx.lc_l1, ctx.reps, ctx.seed + 31)
+    lc = stats.length_controlled(y, dlen, groups, ctx.lc_l1, ctx.lc_reps, ctx.seed + 31)
     metrics = {
         "baseline": ctx.baseline_name, "win_rate": raw.to_json(), "lc_win_rate": lc["value"].to_json(),
         "lc_weights": lc["weights"], "wins": outcomes.count("win"), "losses": outcomes.count("loss"),
