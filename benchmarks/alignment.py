@@ -86,6 +86,7 @@ def main() -> int:
             Path(args.out).write_text(json.dumps(results, indent=2))
             print(f"seed {seed} {name}: " + ", ".join(f"r{r['round']} acc {r['accuracy']:.3f} judge "
                                                       f"{r['judge_score']:.3f}" for r in rows), flush=True)
+    collect_runs(results, work, variants)
     results["summary"] = summarise(results)
     Path(args.out).write_text(json.dumps(results, indent=2))
     from alignment_suites import compare, evaluate_runs, plot_suites, suite_summary  # (next to this file)
@@ -98,6 +99,19 @@ def main() -> int:
     plot_suites(results, Path(args.out).with_name(Path(args.out).stem + "_suites.png"))
     print(json.dumps({"summary": results["summary"], "comparisons": results["comparisons"]}, indent=2))
     return 0
+
+
+def collect_runs(results: dict, work: Path, variants: list[str]) -> None:
+    """Per-round rows of finished runs not yet in `results` (runs trained by an earlier invocation)."""
+    for seed in results["seeds"]:
+        for name in variants:
+            f = work / f"seed{seed}" / name / "metrics.json"
+            if f.is_file() and str(seed) not in results["variants"].get(name, {}):
+                rounds = json.loads(f.read_text())["rounds"]
+                results["variants"].setdefault(name, {})[str(seed)] = {"rounds": [
+                    {"round": r["round"], "accuracy": r["accuracy"], "judge_score": r["judge_score"],
+                     "mean_words": r["mean_length"], "alpha": r.get("alpha"), "pairs": r.get("pairs"),
+                     "policy": r["policy"]} for r in rounds]}
 
 
 def seed_config(work: Path, seed: int) -> tuple[list[str], list[str]]:
