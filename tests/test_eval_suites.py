@@ -80,6 +80,16 @@ def test_suites_on_the_world_with_the_reference_judge(world, tmp_path):
     back, _ = runner.run(wrong, perfect)
     assert back["winrate"]["wins"] == 0 and back["winrate"]["win_rate"]["value"] < 0.2
     assert back["videochatgpt"]["mean"]["value"] < metrics["videochatgpt"]["mean"]["value"]
+    # the report's tables and plot
+    from vpref.eval.report import plot_suites
+    from vpref.eval.tables import round_summary, suite_tables
+
+    rounds = [{"round": 1, "eval": {"suites": metrics}}, {"round": 2, "eval": {"suites": back}}]
+    text = suite_tables(rounds)
+    assert text.count("judge `reference`") == 4 and "| 1 | 5.00 [5.00, 5.00] |" in text and "| 2 | synth-qa |" in text
+    assert "Mean 5.00 [5.00, 5.00]" in round_summary(1, rounds[0]["eval"])
+    plot_suites(rounds, tmp_path / "suites.png")
+    assert (tmp_path / "suites.png").stat().st_size > 10_000
 
 
 def test_the_baseline_answers_are_made_once_and_cached(world, tmp_path):
