@@ -10,9 +10,15 @@ On the synthetic world, for each seed (SFT initialisation, sampling, each round'
 * Iter-W2S, alpha fixed            (reference := previous policy, alpha 0.3)
 * Iter-W2S, alpha chosen by judge  (alpha from {0, 0.3, 0.6} by the dev judge score; the demo default)
 * Iter-W2S, reference kept at SFT  (alpha 0.3; the "no reference update" ablation)
+* under-trained DPO (1 epoch), alpha 0; alpha fixed at 1.0; alpha chosen by the judge from {0, 0.5, 1, 2}
 
 Each run is a real `vpref run` (Ray Train DPO included); test accuracy and judge score per round
-go to JSON, and a PNG plots the mean over seeds with the spread.
+go to JSON.  Then every round's policy of every run goes through the evaluation suites with the
+reference judge (`--evaluate`, on by default; `--evaluate-only` skips training): Video-ChatGPT's
+five dimensions, zero-shot QA, caption-grounded scores and the win rate against the seed's SFT
+start, each with a bootstrap 95% interval; and for each extrapolated variant against its alpha = 0
+twin, paired differences on the same questions (accuracy, Video-ChatGPT mean) and a head-to-head
+win rate of the final policies.  A PNG plots the figures per round with their intervals.
 """
 
 from __future__ import annotations
@@ -37,6 +43,11 @@ VARIANTS = {
     "iter_w2s_alpha_fixed": ["loop.alpha=0.3", "loop.alpha_grid=null"],
     "iter_w2s_alpha_judge": [],  # the defaults: alpha grid picked on dev
     "iter_w2s_ref_sft": ["loop.alpha=0.3", "loop.alpha_grid=null", "loop.reference=initial"],
+    # Under-trained DPO (one epoch instead of three), where ExPO is expected to help most: the
+    # extrapolation should recover part of the training that was not done.
+    "under_dpo": ["dpo.epochs=1", "loop.alpha=0.0", "loop.alpha_grid=null"],
+    "under_w2s_alpha_fixed": ["dpo.epochs=1", "loop.alpha=1.0", "loop.alpha_grid=null"],
+    "under_w2s_alpha_judge": ["dpo.epochs=1", "loop.alpha_grid=[0.0, 0.5, 1.0, 2.0]"],
 }
 
 
@@ -46,41 +57,72 @@ def main() -> int:
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-alignment"), help="folder for the runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "alignment.json"))
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--evaluate-only", action="store_true", help="only run the suites on finished runs")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the suites' intervals")
     args = ap.parse_args()
     quiet_libraries()
     work = Path(args.work)
     results: dict = {"variants": {}, "seeds": [int(s) for s in args.seeds.split(",")]}
     if Path(args.out).is_file():  # resume a partial benchmark: finished runs are skipped by vpref itself
         results = json.loads(Path(args.out).read_text())
-    for seed in results["seeds"]:
-        sft_dir = work / f"seed{seed}" / "sft"
-        members = (f"sft.members=[{{name: policy, size: 1m, steps: 100, seed: {seed}}}, "
-                   f"{{name: strong, size: 1m, steps: 300, seed: {seed + 1}, init_from: policy}}, "
-                   f"{{name: noisy, size: 1m, steps: 150, label_noise: 0.3, seed: {seed + 2}}}]")
-        base = [f"run.seed={seed}", f"sft.out={sft_dir}", members, "ray.include_dashboard=false"]
+    variants = args.variants.split(",")
+    for seed in [] if args.evaluate_only else results["seeds"]:
+        base, zoo = seed_config(work, seed)
         cfg = load_config(None, base)
-        if not all((sft_dir / m.name / "model.safetensors").is_file() for m in cfg.sft.members):
+        if not all((Path(cfg.sft.out) / m.name / "model.safetensors").is_file() for m in cfg.sft.members):
             run_sft(cfg)
-        zoo = [f"zoo.{i}.path={sft_dir / m}" for i, m in enumerate(("policy", "strong", "noisy"))]
-        for name in args.variants.split(","):
+        for name in variants:
             out = work / f"seed{seed}" / name
             t0 = time.perf_counter()
             metrics = run(load_config(None, base + zoo + VARIANTS[name] + [f"run.out_dir={out}",
-                                                                         f"run.name=align-{name}-s{seed}"]))
+                                                                         f"run.name=align-{name}-s{seed}",
+                                                                         "eval.suites=[]"]))
             rows = [{"round": r["round"], "accuracy": r["accuracy"], "judge_score": r["judge_score"],
-                     "mean_words": r["mean_length"], "alpha": r.get("alpha"), "pairs": r.get("pairs")}
-                    for r in metrics["rounds"]]
+                     "mean_words": r["mean_length"], "alpha": r.get("alpha"), "pairs": r.get("pairs"),
+                     "policy": r["policy"]} for r in metrics["rounds"]]
             results["variants"].setdefault(name, {})[str(seed)] = {"rounds": rows,
                                                                    "seconds": round(time.perf_counter() - t0, 1)}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(results, indent=2))
             print(f"seed {seed} {name}: " + ", ".join(f"r{r['round']} acc {r['accuracy']:.3f} judge "
                                                       f"{r['judge_score']:.3f}" for r in rows), flush=True)
+    collect_runs(results, work, variants)
     results["summary"] = summarise(results)
     Path(args.out).write_text(json.dumps(results, indent=2))
+    from alignment_suites import compare, evaluate_runs, plot_suites, suite_summary  # (next to this file)
+
+    evaluate_runs(results, work, variants, args.bootstrap, Path(args.out), seed_config)
+    results["suite_summary"] = suite_summary(results)
+    results["comparisons"] = compare(results, work, seed_config)
+    Path(args.out).write_text(json.dumps(results, indent=2))
     plot(results, Path(args.out).with_suffix(".png"))
-    print(json.dumps(results["summary"], indent=2))
+    plot_suites(results, Path(args.out).with_name(Path(args.out).stem + "_suites.png"))
+    print(json.dumps({"summary": results["summary"], "comparisons": results["comparisons"]}, indent=2))
     return 0
+
+
+def collect_runs(results: dict, work: Path, variants: list[str]) -> None:
+    """Per-round rows of finished runs not yet in `results` (runs trained by an earlier invocation)."""
+    for seed in results["seeds"]:
+        for name in variants:
+            f = work / f"seed{seed}" / name / "metrics.json"
+            if f.is_file() and str(seed) not in results["variants"].get(name, {}):
+                rounds = json.loads(f.read_text())["rounds"]
+                results["variants"].setdefault(name, {})[str(seed)] = {"rounds": [
+                    {"round": r["round"], "accuracy": r["accuracy"], "judge_score": r["judge_score"],
+                     "mean_words": r["mean_length"], "alpha": r.get("alpha"), "pairs": r.get("pairs"),
+                     "policy": r["policy"]} for r in rounds]}
+
+
+def seed_config(work: Path, seed: int) -> tuple[list[str], list[str]]:
+    """(--set overrides of the seed's runs, the zoo's paths)."""
+    sft_dir = work / f"seed{seed}" / "sft"
+    members = (f"sft.members=[{{name: policy, size: 1m, steps: 100, seed: {seed}}}, "
+               f"{{name: strong, size: 1m, steps: 300, seed: {seed + 1}, init_from: policy}}, "
+               f"{{name: noisy, size: 1m, steps: 150, label_noise: 0.3, seed: {seed + 2}}}]")
+    base = [f"run.seed={seed}", f"sft.out={sft_dir}", members, "ray.include_dashboard=false"]
+    zoo = [f"zoo.{i}.path={sft_dir / m}" for i, m in enumerate(("policy", "strong", "noisy"))]
+    return base, zoo
 
 
 def summarise(results: dict) -> dict:

@@ -114,29 +114,59 @@ def cmd_eval(args) -> int:
 
     from vpref.build import DataEngine
     from vpref.cluster import init_ray
+    from vpref.config import SUITES
+    from vpref.eval.evaluator import Evaluator, evaluate_round, suite_runner
     from vpref.eval.report import family_table, table
-    from vpref.loop import Evaluator, _split
+    from vpref.eval.suites import failed_share
+    from vpref.eval.tables import suite_tables
+    from vpref.loop import _split
 
     cfg = _config(args)
+    suites = cfg.eval.suites if args.suite is None else [x for x in args.suite.split(",") if x and x != "none"]
+    unknown = [x for x in suites if x not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)} (or 'none')")
     member = cfg.policy_member
     if member is None:
         raise ValueError("the zoo has no policy member to host the checkpoint (set policy: true on one)")
+    for c in args.checkpoint:
+        if not Path(c).is_dir():
+            raise FileNotFoundError(f"checkpoint folder not found: {c}")
     init_ray(cfg.ray)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = DataEngine(cfg, tmp, members=[member.name])
+        out = Path(args.out) if args.out else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        rejects = out / "rejects.jsonl"
+        engine = DataEngine(cfg, out / "_actors", members=[member.name])
+        runner = None
+        results = []
         try:
-            evaluator = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, Path(tmp) / "rejects.jsonl"),
-                                  Path(tmp) / "rejects.jsonl")
-            engine.reload_policy(args.checkpoint, version=0)
-            metrics, _ = evaluator(cfg.eval.max_samples)
+            runner = suite_runner(cfg, out, rejects, suites)
+            evaluator = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, rejects), rejects,
+                                  extra_videos=runner.videos if runner else ())
+            if runner:
+                runner.drop_videos(evaluator.failed_videos, rejects)
+            for i, ckpt in enumerate(args.checkpoint):
+                engine.reload_policy(ckpt, version=i)
+                metrics = evaluate_round(evaluator, runner, i, ckpt, out / f"checkpoint_{i}", cfg.eval.max_samples)
+                results.append({"round": i, "label": ckpt, "eval": metrics})
         finally:
+            if runner is not None and hasattr(runner.judge, "shutdown"):
+                runner.judge.shutdown()
             engine.shutdown()
-    rounds = [{"round": 0, "eval": metrics}]
-    print(f"\n{args.checkpoint} on the {cfg.eval.split} split ({metrics['questions']} questions)")
-    print(table(rounds))
-    print(family_table(rounds))
+    print(f"\nOn the {cfg.eval.split} split ({results[0]['eval']['questions']} questions); "
+          + "; ".join(f"row {r['round']}: {r['label']}" for r in results))
+    print(table(results))
+    print(family_table(results))
+    if runner:
+        print("\n" + suite_tables(results, head="row"))
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        Path(args.json).write_text(json.dumps({"checkpoints": results}, indent=2))
+    worst = max((failed_share(r["eval"].get("suites", {})) for r in results), default=0.0)
+    if worst > 0.5:
+        print(f"vpref eval: {worst:.0%} of the judge's ratings failed (see the failure reasons in the JSON"
+              f"{' and ' + str(out) + '/checkpoint_*/eval_ratings.jsonl' if args.out else ''})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -228,8 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = with_config(sub.add_parser("run", help="Iter-W2S-RLAIF rounds: data, DPO on Ray Train, ExPO, evaluation"))
     s.set_defaults(fn=cmd_run)
 
-    s = with_config(sub.add_parser("eval", help="evaluate a checkpoint on the eval split"))
-    s.add_argument("--checkpoint", required=True, help="HF checkpoint folder of a policy")
+    s = with_config(sub.add_parser("eval", help="evaluate checkpoints on the eval split and the suites"),
+                    optional=True)
+    s.add_argument("--checkpoint", required=True, action="append",
+                   help="HF checkpoint folder of a policy (repeat to compare several in one table)")
+    s.add_argument("--suite", default=None,
+                   help="comma-separated suites: videochatgpt,zeroshot,grounded,winrate, or none "
+                        "(default: eval.suites)")
+    s.add_argument("--out", help="folder for answers, ratings and the baseline's cached answers (default: temporary)")
     s.add_argument("--json", help="also write the metrics to this file")
     s.set_defaults(fn=cmd_eval)
 

@@ -415,11 +415,68 @@ class LoopConfig(_Section):
     alpha_dev_samples: int = F(120, "dev questions used to score each alpha", ge=1)
 
 
+SUITES = ("videochatgpt", "zeroshot", "grounded", "winrate")
+
+
+class EvalJudgeConfig(_Section):
+    kind: Literal["reference", "llm"] = F(
+        "reference", "judge of the suites: reference (the synthetic world's deterministic rules) or llm (any chat engine)")
+    model: str | None = F(None, "llm: checkpoint folder (hf, vllm), model name at the endpoint (openai), or "
+                                "'smollm2' (the packaged SmolLM2-135M-Instruct)")
+    backend: Literal["hf", "vllm", "openai"] = F("hf", "llm: engine backend")
+    api_base: str | None = F(None, "openai backend: base URL of the OpenAI-compatible endpoint")
+    api_key_env: str = F("OPENAI_API_KEY", "openai backend: environment variable holding the API key")
+    api_concurrency: int = F(8, "openai backend: requests in flight", ge=1)
+    api_timeout_s: float = F(60.0, "openai backend: seconds per request", gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "llm: weights dtype")
+    templates_dir: str | None = F(
+        None, "folder of <protocol>.j2 files used instead of vpref's templates (a paper's original prompts)")
+    temperature: float = F(0.0, "llm: sampling temperature of the first attempt (0: greedy)", ge=0)
+    retry_temperature: float = F(0.7, "llm: temperature of the re-asks after an unparseable reply", ge=0)
+    max_retries: int = F(3, "llm: re-asks of an unparseable reply before it is recorded as a failure", ge=0)
+    max_new_tokens: int | None = F(None, "llm: longest judge reply in tokens; null: each protocol's own (32 for "
+                                         "the dict replies, 160 for the explained ones)", ge=1)
+    batch_size: int = F(16, "llm: prompts per engine call", ge=1)
+    num_cpus: float = F(1.0, "llm: CPUs of the judge actor", ge=0)
+    num_gpus: float = F(0.0, "llm: GPUs of the judge actor (hf backend: > 0 puts the model on cuda)", ge=0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "llm" and not self.model:
+            raise ValueError("kind 'llm' needs eval.judge.model (a checkpoint folder, a model name, or 'smollm2')")
+        if self.kind == "llm" and self.backend == "openai" and not self.api_base:
+            raise ValueError("backend 'openai' needs eval.judge.api_base (the endpoint's base URL)")
+        return self
+
+
+class EvalSetsConfig(_Section):
+    generic: str | None = F(None, "Video-ChatGPT generic set (dimensions 1-3) manifest; null: vcgpt_generic.jsonl "
+                                  "next to data.test if `vpref synth` wrote it")
+    temporal: str | None = F(None, "Video-ChatGPT temporal set (dimension 4); null: vcgpt_temporal.jsonl next to data.test")
+    consistency: str | None = F(None, "Video-ChatGPT consistency set (dimension 5; meta.question2 holds Q2); null: "
+                                      "vcgpt_consistency.jsonl next to data.test")
+    qa: dict[str, str] | None = F(None, "zero-shot QA sets, name -> manifest (e.g. {msvd: ..., tgif: ...}); null: "
+                                        "{synth-qa: zeroshot_qa.jsonl next to data.test}")
+
+
 class EvalConfig(_Section):
     split: Literal["dev", "test"] = F("test", "manifest evaluated each round")
     max_samples: int | None = F(None, "evaluate only the first N questions (null: all)")
     batch_size: int = F(32, "questions per generate call", ge=1)
     max_new_tokens: int = F(48, "answer length limit", ge=1)
+    suites: list[Literal[SUITES]] = FL(lambda: list(SUITES), "suites run each round and by `vpref eval` "
+                                                               "(videochatgpt, zeroshot, grounded, winrate)")
+    sets: EvalSetsConfig = FL(EvalSetsConfig, "the suites' question sets (manifests)")
+    max_items: int | None = F(None, "judge at most N items per set (a seeded sample; null: all)", ge=1)
+    judge: EvalJudgeConfig = FL(EvalJudgeConfig, "the judge of the suites (named in every table)")
+    winrate_baseline: str | None = F(None, "checkpoint the win rate compares against; null: the SFT start "
+                                           "(the policy member's path)")
+    winrate_sets: list[Literal["generic", "temporal", "consistency", "qa"]] = FL(
+        lambda: ["generic", "temporal", "qa"], "sets whose questions the win rate is measured on (deduplicated)")
+    bootstrap: int = F(1000, "bootstrap replicates of every interval", ge=50)
+    seed: int = F(0, "seed of the bootstrap and of the max_items sample")
+    lc_l1: float = F(1e-3, "L1 penalty of the length-controlled win rate's GLM", ge=0)
+    lc_bootstrap: int = F(400, "bootstrap replicates of the length-controlled win rate (each refits the GLM)", ge=50)
 
 
 class Config(_Section):

@@ -24,17 +24,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 
-from vpref.actors.judge import response_item
 from vpref.build import DataEngine
 from vpref.cluster import init_ray
 from vpref.config import Config
 from vpref.data.card import write_card
 from vpref.data.manifest import Sample, append_rejects, load_manifest
-from vpref.data.world import FAMILIES, is_correct
-from vpref.eval.evaluate import EvalRecord, compute_metrics
+from vpref.eval.evaluator import Evaluator, evaluate_round, suite_runner
 from vpref.eval.report import table, write_report
+from vpref.eval.tables import round_summary, suite_tables
 from vpref.train.dpo import reference_logps, train_dpo
 from vpref.train.expo import extrapolate, mix
 from vpref.utils import log
@@ -74,48 +72,6 @@ class RunState:
         return result
 
 
-class Evaluator:
-    """Greedy answers of the policy actors on a split, judged; the split's videos decoded once."""
-
-    def __init__(self, engine: DataEngine, cfg: Config, samples: list[Sample], rejects_path: Path):
-        self.engine, self.cfg = engine, cfg
-        samples = engine.with_captions(samples, rejects_path.parent)  # the judge's context, as in training
-        refs = {v: engine.decoders.submit(v) for v in sorted({s.video for s in samples})}
-        self.clips, bad = {}, {}
-        for v, ref in refs.items():
-            try:
-                ray.get(ref)
-                self.clips[v] = ref
-            except Exception as e:
-                bad[v] = str(e).splitlines()[-1]
-        from vpref.data.manifest import Reject
-
-        append_rejects(rejects_path, [Reject("decode", 0, s.id, f"video {s.video}: {bad[s.video]}", s.to_row())
-                                      for s in samples if s.video in bad])
-        self.samples = [s for s in samples if s.video in self.clips]
-
-    def __call__(self, limit: int | None = None) -> tuple[dict, list[dict]]:
-        samples = self.samples[:limit]
-        replicas = self.engine.policy_replicas()
-        bs = self.cfg.eval.batch_size
-        greedy = {"temperature": 0.0, "n": 1, "max_new_tokens": self.cfg.eval.max_new_tokens}
-        calls = []
-        for k, i in enumerate(range(0, len(samples), bs)):
-            chunk = samples[i:i + bs]
-            actor = replicas[k % len(replicas)]
-            calls.append(actor.generate.remote([self.clips[s.video] for s in chunk], [s.question for s in chunk],
-                                               greedy, seed=i))
-        answers = [c[0] for ref in calls for c in ray.get(ref)]
-        items = [response_item(f"eval:{s.id}", a.text, s.id, s.question, s.answer, s.caption, s.family)
-                 for s, a in zip(samples, answers)]
-        judgments = self.engine.judge_items(items)
-        records = [EvalRecord(s, a, j) for s, a, j in zip(samples, answers, judgments)]
-        rows = [{"id": s.id, "family": s.family, "question": s.question, "reference": s.answer, "answer": a.text,
-                 "correct": is_correct(s.family, a.text, s.answer) if s.answer and s.family in FAMILIES else None,
-                 "judge": j.overall, "judge_scores": j.scores} for s, a, j in zip(samples, answers, judgments)]
-        return compute_metrics(records), rows
-
-
 def round_questions(train: list[Sample], cfg: Config, t: int) -> list[Sample]:
     """The questions of round t: a fresh seeded sample of the train split (or all of it)."""
     k = cfg.loop.questions_per_round
@@ -146,21 +102,24 @@ def run(cfg: Config) -> dict:
     train = _split(cfg, "train", rejects)[: cfg.build.max_samples]
     engine = DataEngine(cfg, run_dir / "actors")
     engine.wait_ready()
+    runner = None
     try:
-        test = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, rejects), rejects)
+        runner = suite_runner(cfg, run_dir, rejects)
+        test = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, rejects), rejects,
+                         extra_videos=runner.videos if runner else ())
+        if runner:
+            runner.drop_videos(test.failed_videos, rejects)
         dev = Evaluator(engine, cfg, _split(cfg, "dev", rejects), rejects) if cfg.loop.alpha_grid else None
         theta = [str(Path(policy_member.path).resolve())]  # theta_0 = the SFT policy
         refs = [theta[0]]
 
         def evaluate(t: int, path: str) -> dict:
             engine.reload_policy(path, version=t)
-            metrics, rows = test(cfg.eval.max_samples)
-            rdir = run_dir / f"round_{t}"
-            rdir.mkdir(parents=True, exist_ok=True)
-            with open(rdir / "eval_answers.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            metrics = evaluate_round(test, runner, t, path, run_dir / f"round_{t}", cfg.eval.max_samples)
             log(f"round {t}: QA accuracy {metrics['accuracy'].get('qa', 0):.3f}, judge {metrics['judge']['overall']:.3f}, "
                 f"{metrics['length']['words']:.1f} words")
+            if runner:
+                print(round_summary(t, metrics), flush=True)
             return {"policy": path, "metrics": metrics}
 
         state.stage(0, "eval", lambda: evaluate(0, theta[0]))
@@ -210,6 +169,8 @@ def run(cfg: Config) -> dict:
         log(f"report: {run_dir / 'report.md'}")
         return metrics
     finally:
+        if runner is not None and hasattr(runner.judge, "shutdown"):
+            runner.judge.shutdown()
         engine.shutdown()
 
 
@@ -266,4 +227,10 @@ def collect_metrics(cfg: Config, state: RunState) -> dict:
 
 
 def print_table(metrics: dict) -> None:
+    j = metrics["rounds"][0]["eval"]["judge"]
+    print(f"Test split: exact match and the build judge `{j['name']}` ({j['rubric_version']}); "
+          "bootstrap 95% intervals in brackets")
     print(table(metrics["rounds"]))
+    extra = suite_tables(metrics["rounds"], compact=True)
+    if extra:
+        print("\n" + extra)

@@ -1,7 +1,8 @@
 """The synthetic video-QA world: real mp4 clips of moving coloured shapes with questions,
 reference answers and detailed captions (`vpref synth`).
 
-Deterministic per seed; split into train/dev/test by video; one manifest per split.  It is the
+Deterministic per seed; split into train/dev/test by video; one manifest per split, plus the
+evaluation suites' sets (`EVAL_SETS`) drawn from the test videos.  It is the
 embedded default for everything downstream: a policy that sees colour, shape, motion, count and
 order better answers measurably better.
 """
@@ -18,7 +19,8 @@ import numpy as np
 
 from vpref.data.manifest import Sample, family_counts, write_manifest
 from vpref.data.video import write_video
-from vpref.data.world import COLOURS, FAMILIES, MOTIONS, SHAPES, Obj, Scene, caption, question_and_answer
+from vpref.data.world import (COLOURS, FAMILIES, MOTIONS, QUESTION_TEMPLATES, SHAPES, Obj, Scene, caption,
+                              question_and_answer)
 
 SPLITS = ("train", "dev", "test")
 _VELOCITY = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
@@ -138,6 +140,44 @@ def make_samples(scene: Scene, video_id: str, video_path: Path, split: str, rng)
     return out
 
 
+# The evaluation suites' sets, written from the test split's videos (file stem -> families):
+# Video-ChatGPT's generic (dimensions 1-3), temporal (4) and consistency (5) sets, and a
+# short-answer zero-shot QA set.  Their questions are the test split's own, so an evaluation that
+# answers the test split answers them too; only consistency's second wording is new.
+EVAL_SETS = {
+    "vcgpt_generic": ("describe",),
+    "vcgpt_temporal": ("order", "direction"),
+    "vcgpt_consistency": FAMILIES,
+    "zeroshot_qa": tuple(f for f in FAMILIES if f != "describe"),
+}
+
+
+def make_eval_samples(scene: Scene, video_id: str, samples: list[Sample], rng) -> dict[str, list[Sample]]:
+    """One video's items of each evaluation set.  `rng` is its own stream: drawing from it leaves
+    the train/dev/test manifests exactly as they were."""
+    by_family = {s.family: s for s in samples}
+    out: dict[str, list[Sample]] = {name: [] for name in EVAL_SETS}
+    for name, fams in EVAL_SETS.items():
+        if name == "vcgpt_consistency":
+            continue
+        for fam in fams:
+            if fam in by_family:
+                s = by_family[fam]
+                tag = name.split("_")[1]
+                out[name].append(Sample(f"{video_id}-{tag}-{fam}", s.video, s.question, s.answer, s.caption,
+                                        {**s.meta, "set": name}))
+    # consistency: the test question and the same question in its other wording, one answer
+    fams = [f for f in FAMILIES if f in by_family]
+    s = by_family[fams[int(rng.integers(len(fams)))]]
+    o = scene.objects[s.meta["target"]]
+    other = 1 - s.meta["template"]
+    q2 = QUESTION_TEMPLATES[s.family][other].format(shape=o.shape, colour=o.colour, name=o.name)
+    out["vcgpt_consistency"].append(Sample(f"{video_id}-consistency-{s.family}", s.video, s.question, s.answer,
+                                           s.caption, {**s.meta, "set": "vcgpt_consistency", "question2": q2,
+                                                       "template2": other}))
+    return out
+
+
 def split_of(i: int, order: np.ndarray, fractions) -> str:
     n = len(order)
     n_train = int(round(fractions[0] * n))
@@ -153,6 +193,7 @@ def synthesize(out: str | Path, spec: SynthSpec, progress=None) -> dict:
     (out / "videos").mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng([spec.seed, 1]).permutation(spec.n)
     by_split: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+    eval_sets: dict[str, list[Sample]] = {name: [] for name in EVAL_SETS}
     scenes = {}
     for i in range(spec.n):
         rng = np.random.default_rng([spec.seed, 0, i])
@@ -161,18 +202,25 @@ def synthesize(out: str | Path, spec: SynthSpec, progress=None) -> dict:
         path = out / "videos" / f"{vid}.mp4"
         write_video(path, render(scene), fps=spec.fps)
         split = split_of(i, order, spec.split)
-        by_split[split] += make_samples(scene, vid, path, split, rng)
+        samples = make_samples(scene, vid, path, split, rng)
+        by_split[split] += samples
+        if split == "test":
+            for name, items in make_eval_samples(scene, vid, samples, np.random.default_rng([spec.seed, 2, i])).items():
+                eval_sets[name] += items
         scenes[vid] = asdict(scene)
         if progress:
             progress(i + 1, spec.n)
     for split, samples in by_split.items():
         write_manifest(out / f"{split}.jsonl", samples)
+    for name, samples in eval_sets.items():
+        write_manifest(out / f"{name}.jsonl", samples)
     (out / "scenes.json").write_text(json.dumps(scenes))
     summary = {
         "out": str(out),
         "spec": asdict(spec),
         "videos": {s: len({x.meta["video_id"] for x in v}) for s, v in by_split.items()},
         "questions": {s: family_counts(v) for s, v in by_split.items()},
+        "eval_sets": {name: family_counts(v) for name, v in eval_sets.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }
     (out / "synth.json").write_text(json.dumps(summary, indent=2))

@@ -1,7 +1,9 @@
 """Video decoding: uniformly sampled uint8 frames, one error type, bounded time.
 
-decord is the default decoder (fast seeking); PyAV is the fallback where decord is not
-installed (it is x86-64 Linux only and unmaintained).  Decoding runs in a small child process
+decord is the default decoder (fast seeking); PyAV is the fallback: where decord is not
+installed (it is x86-64 Linux only and unmaintained), and for every file decord fails to open or
+to decode -- GIFs (decord cannot measure their duration) and frame sizes its buffer check
+rejects (a 72x72 H.264 clip) -- before the video is rejected.  Decoding runs in a small child process
 so that a file which makes the decoder hang (decord can spin holding the GIL, a path on a dead
 network mount blocks in open()) costs the caller `timeout_s` and an error, never a hang.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_TIMEOUT_S = 30.0
+CRASHED = "decoder process crashed"
 
 
 class VideoDecodeError(Exception):
@@ -48,6 +51,7 @@ class Clip:
     indices: tuple[int, ...]  # which source frames were taken
     total_frames: int
     fps: float
+    backend: str = ""  # the decoder that produced the frames ('decord' or 'pyav')
 
     @property
     def sampled_fps(self) -> float:
@@ -127,7 +131,7 @@ def _decode_decord(path: str, num_frames: int, size: tuple[int, int] | None) -> 
         frames = vr.get_batch(idx).asnumpy()
     except Exception as e:
         raise VideoDecodeError(path, f"corrupt video: frames could not be decoded ({e})") from None
-    return Clip(np.ascontiguousarray(frames, dtype=np.uint8), tuple(idx), total, fps)
+    return Clip(np.ascontiguousarray(frames, dtype=np.uint8), tuple(idx), total, fps, "decord")
 
 
 def _decode_pyav(path: str, num_frames: int, size: tuple[int, int] | None) -> Clip:
@@ -154,7 +158,19 @@ def _decode_pyav(path: str, num_frames: int, size: tuple[int, int] | None) -> Cl
     if not decoded:
         raise VideoDecodeError(path, "video stream has zero frames")
     idx = sample_indices(len(decoded), num_frames)
-    return Clip(np.stack([decoded[i] for i in idx]).astype(np.uint8), tuple(idx), len(decoded), fps)
+    return Clip(np.stack([decoded[i] for i in idx]).astype(np.uint8), tuple(idx), len(decoded), fps, "pyav")
+
+
+_DECODERS = {"decord": _decode_decord, "pyav": _decode_pyav}
+
+
+def backends_to_try(backend: str | None) -> list[str]:
+    """None (the default): decord, then PyAV when decord fails; a named backend: only that one."""
+    if backend is None:
+        return ["decord", "pyav"] if available_backend() == "decord" else ["pyav"]
+    if backend not in _DECODERS:
+        raise ValueError(f"unknown video backend {backend!r}: use 'decord' or 'pyav' (or None: decord, then PyAV)")
+    return [backend]
 
 
 def decode_in_process(
@@ -165,13 +181,18 @@ def decode_in_process(
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     p = Path(path)
     _check_file(p)
-    backend = backend or available_backend()
     hw = _size_hw(size)
-    if backend == "decord":
-        return _decode_decord(str(p), num_frames, hw)
-    if backend == "pyav":
-        return _decode_pyav(str(p), num_frames, hw)
-    raise ValueError(f"unknown video backend {backend!r}: use 'decord' or 'pyav'")
+    failed: list[tuple[str, str]] = []
+    for name in backends_to_try(backend):
+        try:
+            return _DECODERS[name](str(p), num_frames, hw)
+        except VideoDecodeError as e:
+            failed.append((name, e.cause))
+    if len(failed) == 1:
+        raise VideoDecodeError(p, failed[0][1])
+    # Every decoder failed: the last one's reason first (it is the most forgiving), then the others'.
+    last, *rest = reversed(failed)
+    raise VideoDecodeError(p, f"{last[1]} ({'; '.join(f'{n} also failed: {c}' for n, c in rest)})")
 
 
 # ----------------------------------------------------------------------------- isolation
@@ -217,7 +238,7 @@ class _DecodeWorker:
                 raise VideoDecodeError(path, f"decoder did not finish within {timeout_s:g}s (hung or too slow)")
             except (EOFError, BrokenPipeError, OSError):
                 self._kill()
-                raise VideoDecodeError(path, "decoder process crashed") from None
+                raise VideoDecodeError(path, CRASHED) from None
         if status == "err":
             raise VideoDecodeError(*payload)
         return payload
@@ -274,7 +295,17 @@ def decode_video(
     _check_file(p)  # cheap checks here, so the common errors need no round trip
     if timeout_s is None:
         return decode_in_process(p, num_frames, size, backend)
-    return _worker.decode(str(p), num_frames, _size_hw(size), backend, timeout_s)
+    try:
+        return _worker.decode(str(p), num_frames, _size_hw(size), backend, timeout_s)
+    except VideoDecodeError as e:
+        # decord can take the child down with it (a native crash, not an exception the child
+        # could catch and fall back from): try PyAV alone once before giving up on the file.
+        if e.cause != CRASHED or len(backends_to_try(backend)) < 2:
+            raise
+        try:
+            return _worker.decode(str(p), num_frames, _size_hw(size), "pyav", timeout_s)
+        except VideoDecodeError as e2:
+            raise VideoDecodeError(p, f"{e2.cause} (decord also failed: {CRASHED})") from None
 
 
 def read_frames(path, num_frames: int, size=None, **kwargs) -> np.ndarray:
