@@ -31,12 +31,17 @@ from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.schema import Response, response_id
+from vpref.errors import InputError, WorkFailed
+from vpref.folders import FolderLock, check_build_inputs, checkpoint_identity, digest, questions_digest
+from vpref.health import (STUCK_ERRORS, Watchdog, actor_placed, check_budget, placeable_now, request_of,
+                           unplaceable)
 from vpref.judges.rubric import load_rubric
 from vpref.utils import log
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
 IN_FLIGHT_PER_REPLICA = 2
+GENERATION_RETRIES = 3  # Ray re-runs a batch whose actor died this often; then its questions are tried one by one
 
 
 def judge_identity(cfg) -> tuple[str, str, str]:
@@ -50,8 +55,20 @@ def judge_identity(cfg) -> tuple[str, str, str]:
     return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
 
 
-def batch_seed(run_seed: int, round_: int, member: ZooMember, index: int) -> int:
+def batch_seed(run_seed: int, round_: int, member: ZooMember, index) -> int:
     return zlib.crc32(f"{run_seed}:{round_}:{member.name}:{member.sampling.seed}:{index}".encode())
+
+
+def error_text(e: BaseException) -> str:
+    """One line saying why a remote call failed: the remote exception itself, not Ray's wrapping."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException) and cause is not e:
+        return error_text(cause)
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if isinstance(e, ray.exceptions.RayActorError):  # the creation task's error is the last line of its traceback
+        last = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "")
+        return f"{type(e).__name__}: {last[:300]}"
+    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
 
 
 @dataclass
@@ -77,6 +94,8 @@ class DataEngine:
         self.state_dir = Path(state_dir)
         self.generators: dict[str, list] = {}
         self.groups: list = []  # placement groups of tensor-parallel generators
+        self.requests: dict[str, dict] = {}  # actor name -> the resources it asks for
+        self._ready = False
         for m in cfg.zoo:
             if members is not None and m.name not in members:
                 continue
@@ -94,6 +113,7 @@ class DataEngine:
                 replicas.append(RemoteGenerator.options(
                     name=name, namespace=ns, max_restarts=-1, max_task_retries=-1, **res,
                 ).remote(m.model_dump(), name, str(self.state_dir / "actors" / f"{name}.json")))
+                self.requests[name] = request_of(res)
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
         self.decoders = DecoderPool(cfg.data, cfg.data.decoders, ns)
@@ -136,20 +156,59 @@ class DataEngine:
         ray.get([a.wake_up.remote() for a in actors])
         return len(actors)
 
-    def judge_items(self, items: list[dict]) -> list:
+    def judge_items(self, items: list[dict], what: str = "evaluation") -> list:
         """Score response items outside a build (evaluation): the reference judge runs right here;
-        an LLM judge runs on a pool judge (its model is already loaded there)."""
+        an LLM judge runs on a pool judge (its model is already loaded there).  A judge that fails
+        gives failure records; more than build.max_judge_failure_rate of them stops the command."""
         from vpref.actors.judge import judge_items, make_judge
 
         if self.cfg.judge.kind == "reference":
-            return judge_items(make_judge(self.cfg.judge, actor="driver"), items)[0]
-        if not self.pool.actors:
-            self.pool._spawn()
-        name = sorted(self.pool.actors)[0]
-        return ray.get(self.pool.actors[name].score_items.remote(items))
+            out = judge_items(make_judge(self.cfg.judge, actor="driver"), items)[0]
+        else:
+            if not self.pool.actors:
+                self.pool._spawn()
+            name = sorted(self.pool.actors)[0]
+            out = ray.get(self.pool.actors[name].score_items.remote(items))
+        failed = [j for j in out if not j.ok]
+        b = self.cfg.build
+        if out and len(failed) / len(out) > b.max_judge_failure_rate:
+            errs = "; ".join(sorted({j.error or "?" for j in failed})[:2])
+            raise WorkFailed(f"{what}: {len(failed)} of {len(out)} judgments failed (> build.max_judge_failure_rate "
+                             f"{b.max_judge_failure_rate:.0%}): {errs}. Check the judge (judge.kind={self.cfg.judge.kind}"
+                             f"{', judge.model=' + str(self.cfg.judge.model) if self.cfg.judge.model else ''}), then run "
+                             f"the same command again")
+        return out
 
     def wait_ready(self) -> None:
-        ray.get([a.info.remote() for reps in self.generators.values() for a in reps])
+        """Wait until every generator has loaded its model.  A member that fails to start stops the
+        command naming it and the cause; one that no node can place (or that stays unplaced while
+        the cluster lacks what it asks) stops it after ray.placement_timeout_s."""
+        if self._ready:
+            return
+        names = {a.info.remote(): (m, f"gen-{m}-{i}", a) for m, reps in self.generators.items()
+                 for i, a in enumerate(reps)}
+        index = {m.name: i for i, m in enumerate(self.cfg.zoo)}
+        t0, pending = time.monotonic(), list(names)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            for ref in ready:
+                member, actor, _ = names[ref]
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    raise WorkFailed(f"zoo member {member!r} ({actor}) could not start: {error_text(e)}. Check "
+                                     f"zoo.{index[member]}.path (a Hugging Face checkpoint folder; `vpref sft` writes "
+                                     f"the demo's) and its dtype and resources") from None
+            waited = time.monotonic() - t0
+            if pending and waited > self.cfg.ray.placement_timeout_s:
+                for ref in pending:  # placed ones are loading their model: they may take their time
+                    member, actor, handle = names[ref]
+                    req = self.requests.get(actor, {})
+                    placed = actor_placed(handle)
+                    if placed is False or (placed is None and not placeable_now(req)):
+                        raise unplaceable(f"generator {actor}", req, waited,
+                                          f"Lower zoo.{index[member]}.resources, or add nodes that have it")
+        self._ready = True
 
     def shutdown(self) -> None:
         self.pool.shutdown()
@@ -168,14 +227,36 @@ class DataEngine:
 
     def build(self, samples: list[Sample], out_dir: str | Path, round_: int = 0, policy_version: int = 0,
               progress_every_s: float = 5.0) -> BuildResult:
+        """One build into `out_dir`, locked while it runs.  Resumes what is on disk (and tries failed
+        items again, up to build.max_attempts); refuses a folder holding a build of other inputs;
+        raises WorkFailed past the failure budget or when the work stalls."""
+        out = Path(out_dir)
+        with FolderLock(out, "build", key="build.out"):
+            return self._build(samples, out, round_, policy_version, progress_every_s)
+
+    def build_inputs(self, samples: list[Sample], round_: int, policy_version: int) -> dict[str, str]:
+        """Digests of what a build is made from (recorded in build.json; another build's folder is refused)."""
+        cfg = self.cfg
+        keep = {"name", "path", "backend", "policy", "role", "sampling", "batch_size", "dtype"}
+        zoo = [{**m.model_dump(include=keep), "checkpoint": checkpoint_identity(m.path)} for m in self.members]
+        judge = cfg.judge.model_dump(exclude={"pool", "vllm", "api_concurrency", "api_timeout_s", "api_retries",
+                                              "api_key_env", "api_base"})
+        return {"questions": questions_digest((s.id, s.video, s.question, s.answer, s.family) for s in samples),
+                "zoo": digest(zoo), "judge": digest([judge_identity(cfg), judge]), "pairs": digest(cfg.pairs.model_dump()),
+                "round": digest([round_, policy_version])}
+
+    def _build(self, samples: list[Sample], out: Path, round_: int, policy_version: int,
+               progress_every_s: float) -> BuildResult:
         t0 = time.perf_counter()
         cfg = self.cfg
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         judge, rubric, rubric_version = judge_identity(cfg)
         members = self.members
         if not members:
-            raise ValueError("the zoo has no generator (role: generator) members")
+            raise InputError("the zoo has no generator members: set `role: generator` on at least one zoo entry")
+        inputs = self.build_inputs(samples, round_, policy_version)
+        check_build_inputs(out, inputs, "choose another folder (build.out), or start it afresh with "
+                                        "`vpref build-data --fresh` (deletes that build)")
+        self.wait_ready()
         self.decoders.reset()
         samples = self.with_captions(samples, out)
         by_id = {s.id: s for s in samples}
@@ -189,42 +270,66 @@ class DataEngine:
         }
         (out / "build.json").write_text(json.dumps(
             {"round": round_, "policy_version": policy_version, "judge": judge, "rubric": rubric_version,
-             "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples)},
-            indent=2))
+             "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples),
+             "inputs": inputs}, indent=2))
         queue, pair_queue, writer = self.queue, self.pair_queue, self.writer
         for q in (queue, pair_queue):  # leftovers of an earlier build (re-enqueued duplicates)
             while q is not None and q.get_batch(1024, timeout=0):
                 pass
         write_plan(out, plan)
         done_ids = set(ray.get(writer.open.remote(str(out), cfg.pairs.model_dump())))  # what is on disk
+        retried = ray.get(writer.retry_failures.remote(cfg.build.max_attempts))
+        if retried["responses"] or retried["judgments"] or retried["verdicts"]:
+            log(f"build: trying again {retried['responses']} failed generations, {retried['judgments']} failed "
+                f"judgments, {retried['verdicts']} failed verdicts (build.max_attempts={cfg.build.max_attempts})")
+        if retried["exhausted"]:
+            log(f"build: {retried['exhausted']} items failed build.max_attempts={cfg.build.max_attempts} times; "
+                f"their failure records stay (not tried again)")
+        done_ids -= set(retried["response_ids"])
 
         # Work: batches of each member in sample order; a batch whose responses are all on disk is done.
+        # A batch only partly on disk (its failed items are tried again) sends just those, one by one.
         todo: dict[str, deque] = {}
         for m in members:
             batches = deque()
             for b, start in enumerate(range(0, len(samples), m.batch_size)):
                 chunk = samples[start:start + m.batch_size]
-                ids = [response_id(round_, s.id, m.name, k) for s in chunk for k in range(m.sampling.n)]
-                if not set(ids) <= done_ids:
-                    batches.append((start, b, chunk))
+                need = [s for s in chunk
+                        if not {response_id(round_, s.id, m.name, k) for k in range(m.sampling.n)} <= done_ids]
+                if len(need) == len(chunk):
+                    batches.append((start, b, chunk, None))  # with the batch's seed: a resumed build says the same
+                else:
+                    batches.extend((start, b, [s], s.id) for s in need)
             todo[m.name] = batches
-        n_batches = sum(len(q) for q in todo.values())
-
         self.pool.attach(queue, pair_queue, writer)
+        try:
+            return self._drive(samples, out, round_, todo, by_id, t0, progress_every_s)
+        finally:
+            self.pool.detach()
 
+    def _drive(self, samples, out: Path, round_: int, todo: dict, by_id: dict, t0: float,
+               progress_every_s: float) -> BuildResult:
+        """The driver loop: dispatch generation, watch the queue and the judges, recover lost work,
+        stop on the failure budget or a stall."""
+        cfg = self.cfg
+        queue, pair_queue, writer = self.queue, self.pair_queue, self.writer
+        members = self.members
         clip_refs: dict[str, ray.ObjectRef] = {}
         failed_videos: dict[str, str] = {}
         users: dict[str, int] = {}  # video -> batches still to use its frames
         for q in todo.values():
-            for _, _, chunk in q:
+            for _, _, chunk, _ in q:
                 for s in chunk:
                     users[s.video] = users.get(s.video, 0) + 1
         in_flight: dict[ray.ObjectRef, tuple] = {}  # generate_batch ref -> (member, replica, batch)
+        retry: dict[str, deque] = {m.name: deque() for m in members}  # items of failed batches, to try one by one
         load = {(m.name, i): 0 for m in members for i in range(m.replicas)}
         rejects: list[Reject] = []
         lookahead = 4 * max(m.batch_size for m in members)
-        timeline, last_log, idle_checks = [], 0.0, 0
+        timeline, last_log, idle_checks, last_budget = [], 0.0, 0, 0.0
         members_by_name = {m.name: m for m in members}
+        watchdog = Watchdog(cfg.build.stall_timeout_s)
+        no_judge_since: float | None = None
 
         def frontier() -> int:
             heads = [q[0][0] for q in todo.values() if q]
@@ -267,7 +372,20 @@ class DataEngine:
                     dropped.update({b: bad[b] for b in new})
             return [s for s in chunk if s.id not in bad]
 
+        def submit(name: str, free: list[int], wb: WorkBatch) -> None:
+            i = min(free, key=lambda k: load[(name, k)])
+            ref = (self.generators[name][i].generate_batch.options(max_task_retries=GENERATION_RETRIES)
+                   .remote(wb, queue, writer))
+            in_flight[ref] = (name, i, wb)
+            load[(name, i)] += 1
+
+        def free_replicas(m: ZooMember) -> list[int]:
+            return [i for i in range(m.replicas) if load[(m.name, i)] < IN_FLIGHT_PER_REPLICA]
+
         def dispatch() -> None:
+            for name, q in retry.items():  # items of a failed batch first: their frames are held already
+                while q and free_replicas(members_by_name[name]):
+                    submit(name, free_replicas(members_by_name[name]), q.popleft())
             limit = frontier() + lookahead  # members stay within a window, which bounds the frames held
             ensure_decoded(min(len(samples), limit))
             progressed = True
@@ -276,10 +394,10 @@ class DataEngine:
                 order = sorted((q[0][0], name) for name, q in todo.items() if q and q[0][0] < limit)
                 for _, name in order:
                     m = members_by_name[name]
-                    free = [i for i in range(m.replicas) if load[(name, i)] < IN_FLIGHT_PER_REPLICA]
+                    free = free_replicas(m)
                     if not free:
                         continue
-                    start, b, chunk = todo[name][0]
+                    start, b, chunk, item = todo[name][0]
                     if not resolve({s.video for s in chunk}):
                         continue
                     todo[name].popleft()
@@ -289,11 +407,8 @@ class DataEngine:
                     if good:
                         items = [WorkItem(s.id, s.question, s.answer, s.caption, s.family, s.video, clip_refs[s.video])
                                  for s in good]
-                        wb = WorkBatch(name, b, round_, batch_seed(cfg.run.seed, round_, m, b), items)
-                        i = min(free, key=lambda k: load[(name, k)])
-                        ref = self.generators[name][i].generate_batch.remote(wb, queue, writer)
-                        in_flight[ref] = (name, i, wb)
-                        load[(name, i)] += 1
+                        seed = batch_seed(cfg.run.seed, round_, m, b if item is None else f"{b}:{item}")
+                        submit(name, free, WorkBatch(name, b, round_, seed, items))
                     for s in chunk:  # in-flight tasks hold their own references to the frames
                         if users[s.video] == 0:
                             clip_refs.pop(s.video, None)
@@ -311,8 +426,17 @@ class DataEngine:
                     load[(name, i)] -= 1
                     try:
                         ray.get(ref)
-                    except Exception as e:  # a generation that failed for good: record it, never lose the questions
-                        self._record_generation_error(writer, wb, members_by_name[name], e)
+                    except Exception as e:
+                        m = members_by_name[name]
+                        if len(wb.items) > 1:  # one bad question must not cost its neighbours their answers
+                            log(f"build: generation batch {wb.index} of {name} failed ({error_text(e)}); trying its "
+                                f"{len(wb.items)} questions one by one")
+                            retry[name].extend(
+                                WorkBatch(name, wb.index, round_,
+                                          batch_seed(cfg.run.seed, round_, m, f"{wb.index}:{it.sample_id}"), [it])
+                                for it in wb.items)
+                        else:  # a question that fails alone: a failure record with the reason, never lost
+                            self._record_generation_error(writer, wb, m, e)
             else:
                 time.sleep(0.1)
             status = ray.get(writer.status.remote())
@@ -326,13 +450,23 @@ class DataEngine:
             if elapsed - last_log >= progress_every_s:
                 last_log = elapsed
                 self._progress(status, depth, counts, elapsed)
-            generating = bool(in_flight) or any(todo.values())
+            generating = bool(in_flight) or any(todo.values()) or any(retry.values())
             if not generating and status["complete"]:
                 break
+            if elapsed - last_budget >= 2.0:  # stop early when most of the work fails
+                last_budget = elapsed
+                check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build,
+                             cfg.judge, cfg.pairs, final=False)
+            pair_depth = pair_queue.size() if pair_queue is not None else 0
+            no_judge_since = self._check_judges(stats, counts, depth + pair_depth, no_judge_since, out)
+            stalled = watchdog.observe((status["responses"], status["judged"], status["verdicts"], status["pairs"],
+                                        status["samples_finished"], len(in_flight), depth, pair_depth,
+                                        sum(len(q) for q in todo.values()), sum(len(q) for q in retry.values())))
+            if stalled:
+                raise self._stall(out, stalled, in_flight, depth + pair_depth, counts, stats)
             # Everything generated, nothing queued, no judge busy, still incomplete: results were
             # lost (a judge or the queue died mid-batch).  Re-enqueue what is missing.
-            quiet = (not generating and depth == 0 and (pair_queue is None or pair_queue.size() == 0)
-                     and not any(s["busy"] for s in stats))
+            quiet = not generating and depth == 0 and pair_depth == 0 and not any(s["busy"] for s in stats)
             idle_checks = idle_checks + 1 if quiet else 0
             if idle_checks >= 3:
                 idle_checks = 0
@@ -343,19 +477,61 @@ class DataEngine:
                     log(f"build: re-enqueueing {len(lost)} responses whose judgments were lost")
                 queue.put_batch(lost)
 
-        self.pool.detach()
         status = ray.get(writer.finalize.remote())
         decodes = self.decoders.counts_since_start()
         n_rej = append_rejects(out / "rejects.jsonl", rejects)
         elapsed = time.perf_counter() - t0
         self._progress(status, 0, self.pool.counts(), elapsed)
+        check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build, cfg.judge,
+                     cfg.pairs, final=True)
         return BuildResult(str(out), status, decodes, elapsed, n_rej, list(self.pool.events), timeline)
+
+    def _check_judges(self, stats: list[dict], counts: dict, waiting: int, no_judge_since, out: Path):
+        """Work must never wait on judges that are not working: a pull loop that ended, judges that
+        all keep failing, or none placed while items wait.  Returns when the wait for a judge began."""
+        for name, ref in list(self.pool.runs.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.get(ref)
+                    why = "it returned without being stopped"
+                except Exception as e:
+                    why = error_text(e)
+                raise WorkFailed(f"build {out}: the pull loop of {name} ended ({why}); what finished is kept: run the "
+                                 f"same command again to resume")
+        stuck = [s for s in stats if s.get("errors_in_a_row", 0) >= STUCK_ERRORS]
+        if stats and len(stuck) == len(stats) and waiting:
+            errs = "; ".join(f"{s['name']}: {s['last_error']}" for s in stuck[:2])
+            raise WorkFailed(f"build {out}: every judge keeps failing in its pull loop ({errs}); nothing can be "
+                             f"judged. Fix that, then run the same command again: what finished is kept")
+        loading = any(actor_placed(a) for a in self.pool.actors.values()) if counts["alive"] == 0 else False
+        if waiting and counts["alive"] == 0 and not loading:  # (a placed judge may still be loading its model)
+            now = time.monotonic()
+            no_judge_since = no_judge_since or now
+            if now - no_judge_since > self.cfg.ray.placement_timeout_s:
+                req = request_of({"num_cpus": self.cfg.judge.pool.resources.num_cpus,
+                                  "num_gpus": self.cfg.judge.pool.resources.num_gpus,
+                                  "resources": self.cfg.judge.pool.resources.custom})
+                raise unplaceable(f"build {out}: {waiting} items wait, but a judge", req,
+                                  now - no_judge_since, "Lower judge.pool.resources, or add nodes that have them")
+            return no_judge_since
+        return None
+
+    def _stall(self, out: Path, stalled: float, in_flight: dict, waiting: int, counts: dict, stats: list) -> WorkFailed:
+        gens = sorted({f"{name} batch {wb.index}" for name, _, wb in in_flight.values()})[:4]
+        errs = [f"{s['name']}: {s['last_error']}" for s in stats if s.get("last_error")][:2]
+        return WorkFailed(
+            f"build {out}: no progress for {stalled:.0f}s (build.stall_timeout_s={self.cfg.build.stall_timeout_s:g}): "
+            f"{len(in_flight)} generation batches in flight{' (' + ', '.join(gens) + ')' if gens else ''}, {waiting} "
+            f"items queued, judges {counts['alive']} alive / {counts['pending']} pending"
+            f"{'; judge errors: ' + '; '.join(errs) if errs else ''}. What finished is kept: run the same command "
+            f"again to resume, or raise build.stall_timeout_s if the models are just slow")
 
     # ------------------------------------------------------------------ helpers
 
     def _record_generation_error(self, writer, wb: WorkBatch, member: ZooMember, err: Exception) -> None:
-        msg = f"{type(err).__name__}: {str(err).splitlines()[-1][:300] if str(err) else ''}"
-        log(f"build: generation batch {wb.index} of {member.name} failed for good ({msg}); recorded as errors")
+        msg = error_text(err)
+        log(f"build: {member.name} could not answer {wb.items[0].sample_id if len(wb.items) == 1 else wb.index} "
+            f"({msg}); recorded as a failure (retried by the next run of this build)")
         records = [Response(response_id(wb.round, it.sample_id, member.name, k), it.sample_id, wb.round, member.name,
                             member.path, member.policy, -1, k, "", 0, "error", member.sampling.temperature,
                             member.sampling.top_p, wb.seed, error=msg)
