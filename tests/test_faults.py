@@ -491,3 +491,48 @@ def test_a_judge_endpoint_that_is_down_fails_the_build_and_a_rerun_after_it_reco
     finally:
         eng.shutdown()
         endpoint.close()
+
+
+@pytest.mark.parametrize("case", ["corrupt checkpoint", "unplaceable"])
+def test_a_zoo_member_that_cannot_start_or_be_placed_stops_the_command_naming_it(case, ray_local, world, sft_zoo,
+                                                                                   tmp_path):
+    from vpref.build import DataEngine
+
+    if case == "corrupt checkpoint":
+        bad = tmp_path / "other"
+        shutil.copytree(sft_zoo / "other", bad)
+        (bad / "model.safetensors").write_bytes(b"\0" * 64)  # passes the pre-flight check (config.json is there)
+        extra, expect = [f"zoo.1.path={bad}"], ["zoo member 'other' (gen-other-0) could not start", "zoo.1.path"]
+    else:
+        extra = ["zoo.1.resources={num_cpus: 0.5, custom: {gen_gpu: 1}}"]
+        expect = ["generator gen-other-0 could not be placed within 4s", "{CPU: 0.5, gen_gpu: 1}",
+                  "no node of the cluster has that much", "zoo.1.resources"]
+    cfg = engine_config(world, sft_zoo, tmp_path, f"run.name=faults-{case.split()[0]}", "ray.placement_timeout_s=4",
+                        *extra)
+    eng = DataEngine(cfg, tmp_path / "state", members=["other"])
+    try:
+        with pytest.raises(WorkFailed) as e:
+            eng.build(load_manifest(world / "train.jsonl").samples[:4], tmp_path / "b")
+    finally:
+        eng.shutdown()
+    assert exit_code(e.value) == 3 and all(x in str(e.value) for x in expect), str(e.value)
+    assert not (tmp_path / "b" / "responses").exists()  # stopped before any work
+
+
+def test_an_evaluation_split_whose_questions_were_all_rejected_stops_the_run_naming_it(world, sft_zoo, tmp_path,
+                                                                                      capsys, ray_local):
+    root = tmp_path / "data"
+    shutil.copytree(world, root)
+    rows = [json.loads(line) for line in (root / "test.jsonl").read_text().splitlines()][:6]
+    for r in rows:  # every video of the test split is undecodable
+        (root / r["video"]).write_bytes(b"\0" * 300)
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _config_file(tmp_path, root, sft_zoo, run={"name": "faults-evalsplit"})
+    data = yaml.safe_load(cfg.read_text())
+    data["zoo"] = data["zoo"][:1]
+    cfg.write_text(yaml.safe_dump(data))
+    code, err = _run_cli(capsys, "run", str(cfg))
+    rejects = tmp_path / "run" / "rejects.jsonl"
+    assert code == 2, err  # before: TypeError: unsupported format string passed to NoneType.__format__
+    assert f"the test split ({root}/test.jsonl, data.test) has no usable questions: all 6 were rejected" in err
+    assert str(rejects) in err and len(rejects.read_text().splitlines()) == 6

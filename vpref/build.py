@@ -5,43 +5,39 @@
     JudgePool: JudgeActor × [min..max] pull batches -> score -> PairWriter -> pairs (Parquet)
 
 `DataEngine` owns the long-lived actors (generators keep their models across rounds and are
-reloaded in place; judges keep theirs); `DataEngine.build` runs one build into a folder.  The
-driver only dispatches work, watches the queue to scale the judge pool, and re-enqueues work
-whose result was lost (a judge or the queue dying mid-batch).  Re-running a build skips what is
-on disk.
+reloaded in place; judges keep theirs); `DataEngine.build` sets one build up in a folder (its
+lock, its inputs, its plan, what is on disk and which failures to try again) and runs the driver
+loop (`vpref.driver.drive`), which only dispatches work, watches the queue and the judges, and
+re-enqueues work whose result was lost.  Re-running a build skips what is on disk.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from vpref.actors.decode import DecoderPool
-from vpref.actors.generator import GeneratorActor, WorkBatch, WorkItem
+from vpref.actors.generator import GeneratorActor
 from vpref.actors.metrics import driver_metrics
 from vpref.actors.queue import BatchQueue
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
-from vpref.data.manifest import Reject, Sample, append_rejects
-from vpref.data.schema import Response, response_id
+from vpref.data.manifest import Sample
+from vpref.data.schema import response_id
 from vpref.errors import InputError, WorkFailed
 from vpref.folders import FolderLock, check_build_inputs, checkpoint_identity, digest, questions_digest
-from vpref.health import (STUCK_ERRORS, Watchdog, actor_placed, check_budget, placeable_now, request_of,
-                           unplaceable)
+from vpref.driver import BuildResult, drive, error_text
+from vpref.health import actor_placed, placeable_now, request_of, unplaceable
 from vpref.judges.rubric import load_rubric
 from vpref.utils import log
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
-IN_FLIGHT_PER_REPLICA = 2
-GENERATION_RETRIES = 3  # Ray re-runs a batch whose actor died this often; then its questions are tried one by one
 
 
 def judge_identity(cfg) -> tuple[str, str, str]:
@@ -53,37 +49,6 @@ def judge_identity(cfg) -> tuple[str, str, str]:
         return j.name, j.rubric, j.rubric_version
     r = load_rubric(cfg.judge.rubric)
     return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
-
-
-def batch_seed(run_seed: int, round_: int, member: ZooMember, index) -> int:
-    return zlib.crc32(f"{run_seed}:{round_}:{member.name}:{member.sampling.seed}:{index}".encode())
-
-
-def error_text(e: BaseException) -> str:
-    """One line saying why a remote call failed: the remote exception itself, not Ray's wrapping."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, BaseException) and cause is not e:
-        return error_text(cause)
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if isinstance(e, ray.exceptions.RayActorError):  # the creation task's error is the last line of its traceback
-        last = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[-1] if lines else "")
-        return f"{type(e).__name__}: {last[:300]}"
-    return f"{type(e).__name__}: {lines[-1][:300] if lines else ''}"
-
-
-@dataclass
-class BuildResult:
-    out_dir: str
-    status: dict
-    decodes: dict
-    seconds: float
-    rejects: int
-    judge_events: list = field(default_factory=list)
-    timeline: list = field(default_factory=list)  # (seconds, responses, judged, queue depth, judges alive)
-
-    def summary(self) -> dict:
-        return {"out_dir": self.out_dir, "seconds": round(self.seconds, 2), "rejects": self.rejects,
-                "decodes": self.decodes, **self.status}
 
 
 class DataEngine:
@@ -173,10 +138,10 @@ class DataEngine:
         b = self.cfg.build
         if out and len(failed) / len(out) > b.max_judge_failure_rate:
             errs = "; ".join(sorted({j.error or "?" for j in failed})[:2])
+            j = self.cfg.judge
             raise WorkFailed(f"{what}: {len(failed)} of {len(out)} judgments failed (> build.max_judge_failure_rate "
-                             f"{b.max_judge_failure_rate:.0%}): {errs}. Check the judge (judge.kind={self.cfg.judge.kind}"
-                             f"{', judge.model=' + str(self.cfg.judge.model) if self.cfg.judge.model else ''}), then run "
-                             f"the same command again")
+                             f"{b.max_judge_failure_rate:.0%}): {errs}. Check the judge (judge.kind={j.kind}"
+                             f"{', judge.model=' + str(j.model) if j.model else ''}), then run the same command again")
         return out
 
     def wait_ready(self) -> None:
@@ -242,8 +207,8 @@ class DataEngine:
         judge = cfg.judge.model_dump(exclude={"pool", "vllm", "api_concurrency", "api_timeout_s", "api_retries",
                                               "api_key_env", "api_base"})
         return {"questions": questions_digest((s.id, s.video, s.question, s.answer, s.family) for s in samples),
-                "zoo": digest(zoo), "judge": digest([judge_identity(cfg), judge]), "pairs": digest(cfg.pairs.model_dump()),
-                "round": digest([round_, policy_version])}
+                "zoo": digest(zoo), "judge": digest([judge_identity(cfg), judge]),
+                "pairs": digest(cfg.pairs.model_dump()), "round": digest([round_, policy_version])}
 
     def _build(self, samples: list[Sample], out: Path, round_: int, policy_version: int,
                progress_every_s: float) -> BuildResult:
@@ -303,240 +268,9 @@ class DataEngine:
             todo[m.name] = batches
         self.pool.attach(queue, pair_queue, writer)
         try:
-            return self._drive(samples, out, round_, todo, by_id, t0, progress_every_s)
+            return drive(self, samples, out, round_, todo, by_id, t0, progress_every_s)
         finally:
             self.pool.detach()
-
-    def _drive(self, samples, out: Path, round_: int, todo: dict, by_id: dict, t0: float,
-               progress_every_s: float) -> BuildResult:
-        """The driver loop: dispatch generation, watch the queue and the judges, recover lost work,
-        stop on the failure budget or a stall."""
-        cfg = self.cfg
-        queue, pair_queue, writer = self.queue, self.pair_queue, self.writer
-        members = self.members
-        clip_refs: dict[str, ray.ObjectRef] = {}
-        failed_videos: dict[str, str] = {}
-        users: dict[str, int] = {}  # video -> batches still to use its frames
-        for q in todo.values():
-            for _, _, chunk, _ in q:
-                for s in chunk:
-                    users[s.video] = users.get(s.video, 0) + 1
-        in_flight: dict[ray.ObjectRef, tuple] = {}  # generate_batch ref -> (member, replica, batch)
-        retry: dict[str, deque] = {m.name: deque() for m in members}  # items of failed batches, to try one by one
-        load = {(m.name, i): 0 for m in members for i in range(m.replicas)}
-        rejects: list[Reject] = []
-        lookahead = 4 * max(m.batch_size for m in members)
-        timeline, last_log, idle_checks, last_budget = [], 0.0, 0, 0.0
-        members_by_name = {m.name: m for m in members}
-        watchdog = Watchdog(cfg.build.stall_timeout_s)
-        no_judge_since: float | None = None
-
-        def frontier() -> int:
-            heads = [q[0][0] for q in todo.values() if q]
-            return min(heads) if heads else len(samples)
-
-        def ensure_decoded(upto: int) -> None:
-            for s in samples[:upto]:
-                if s.video not in clip_refs and s.video not in failed_videos and users.get(s.video):
-                    clip_refs[s.video] = self.decoders.submit(s.video)
-
-        def resolve(videos) -> bool:
-            """True when every video is decoded or known bad; records decode failures."""
-            for v in videos:
-                if v not in clip_refs and v not in failed_videos:
-                    clip_refs[v] = self.decoders.submit(v)
-            refs = [clip_refs[v] for v in videos if v in clip_refs]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            if len(ready) < len(refs):
-                return False
-            for v in videos:
-                if v in clip_refs:
-                    try:
-                        ray.get(clip_refs[v])
-                    except Exception as e:  # VideoDecodeError, wrapped by Ray
-                        cause = getattr(e, "cause", None) or str(e).splitlines()[-1]
-                        failed_videos[v] = cause
-                        del clip_refs[v]
-            return True
-
-        dropped: dict[str, str] = {}  # question -> why it cannot be answered (its video did not decode)
-
-        def drop_failed(chunk) -> list[Sample]:
-            bad = {s.id: f"video {s.video} could not be decoded: {failed_videos[s.video]}"
-                   for s in chunk if s.video in failed_videos}
-            if bad:
-                new = [b for b in bad if b not in dropped]
-                if new:
-                    ray.get(writer.drop_samples.remote({b: bad[b] for b in new}))
-                    rejects.extend(Reject("decode", 0, b, bad[b], by_id[b].to_row()) for b in new)
-                    dropped.update({b: bad[b] for b in new})
-            return [s for s in chunk if s.id not in bad]
-
-        def submit(name: str, free: list[int], wb: WorkBatch) -> None:
-            i = min(free, key=lambda k: load[(name, k)])
-            ref = (self.generators[name][i].generate_batch.options(max_task_retries=GENERATION_RETRIES)
-                   .remote(wb, queue, writer))
-            in_flight[ref] = (name, i, wb)
-            load[(name, i)] += 1
-
-        def free_replicas(m: ZooMember) -> list[int]:
-            return [i for i in range(m.replicas) if load[(m.name, i)] < IN_FLIGHT_PER_REPLICA]
-
-        def dispatch() -> None:
-            for name, q in retry.items():  # items of a failed batch first: their frames are held already
-                while q and free_replicas(members_by_name[name]):
-                    submit(name, free_replicas(members_by_name[name]), q.popleft())
-            limit = frontier() + lookahead  # members stay within a window, which bounds the frames held
-            ensure_decoded(min(len(samples), limit))
-            progressed = True
-            while progressed:
-                progressed = False
-                order = sorted((q[0][0], name) for name, q in todo.items() if q and q[0][0] < limit)
-                for _, name in order:
-                    m = members_by_name[name]
-                    free = free_replicas(m)
-                    if not free:
-                        continue
-                    start, b, chunk, item = todo[name][0]
-                    if not resolve({s.video for s in chunk}):
-                        continue
-                    todo[name].popleft()
-                    good = drop_failed(chunk)
-                    for s in chunk:
-                        users[s.video] -= 1
-                    if good:
-                        items = [WorkItem(s.id, s.question, s.answer, s.caption, s.family, s.video, clip_refs[s.video])
-                                 for s in good]
-                        seed = batch_seed(cfg.run.seed, round_, m, b if item is None else f"{b}:{item}")
-                        submit(name, free, WorkBatch(name, b, round_, seed, items))
-                    for s in chunk:  # in-flight tasks hold their own references to the frames
-                        if users[s.video] == 0:
-                            clip_refs.pop(s.video, None)
-                    progressed = True
-
-        dispatch()  # generation first, then what an earlier attempt persisted but never judged
-        queue.put_batch(ray.get(writer.missing.remote()))
-        while True:
-            dispatch()
-            refs = list(in_flight)
-            if refs:
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
-                for ref in ready:
-                    name, i, wb = in_flight.pop(ref)
-                    load[(name, i)] -= 1
-                    try:
-                        ray.get(ref)
-                    except Exception as e:
-                        m = members_by_name[name]
-                        if len(wb.items) > 1:  # one bad question must not cost its neighbours their answers
-                            log(f"build: generation batch {wb.index} of {name} failed ({error_text(e)}); trying its "
-                                f"{len(wb.items)} questions one by one")
-                            retry[name].extend(
-                                WorkBatch(name, wb.index, round_,
-                                          batch_seed(cfg.run.seed, round_, m, f"{wb.index}:{it.sample_id}"), [it])
-                                for it in wb.items)
-                        else:  # a question that fails alone: a failure record with the reason, never lost
-                            self._record_generation_error(writer, wb, m, e)
-            else:
-                time.sleep(0.1)
-            status = ray.get(writer.status.remote())
-            depth = queue.size()
-            self.metrics["queue_depth"].set(depth)
-            stats = self.pool.stats()
-            self.pool.step(depth, stats)
-            counts = self.pool.counts()
-            elapsed = time.perf_counter() - t0
-            timeline.append((round(elapsed, 3), status["responses"], status["judged"], depth, counts["alive"]))
-            if elapsed - last_log >= progress_every_s:
-                last_log = elapsed
-                self._progress(status, depth, counts, elapsed)
-            generating = bool(in_flight) or any(todo.values()) or any(retry.values())
-            if not generating and status["complete"]:
-                break
-            if elapsed - last_budget >= 2.0:  # stop early when most of the work fails
-                last_budget = elapsed
-                check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build,
-                             cfg.judge, cfg.pairs, final=False)
-            pair_depth = pair_queue.size() if pair_queue is not None else 0
-            no_judge_since = self._check_judges(stats, counts, depth + pair_depth, no_judge_since, out)
-            stalled = watchdog.observe((status["responses"], status["judged"], status["verdicts"], status["pairs"],
-                                        status["samples_finished"], len(in_flight), depth, pair_depth,
-                                        sum(len(q) for q in todo.values()), sum(len(q) for q in retry.values())))
-            if stalled:
-                raise self._stall(out, stalled, in_flight, depth + pair_depth, counts, stats)
-            # Everything generated, nothing queued, no judge busy, still incomplete: results were
-            # lost (a judge or the queue died mid-batch).  Re-enqueue what is missing.
-            quiet = not generating and depth == 0 and pair_depth == 0 and not any(s["busy"] for s in stats)
-            idle_checks = idle_checks + 1 if quiet else 0
-            if idle_checks >= 3:
-                idle_checks = 0
-                if dropped:  # a restarted writer forgot them (they are not on disk)
-                    ray.get(writer.drop_samples.remote(dropped))
-                lost = ray.get(writer.missing.remote())
-                if lost:
-                    log(f"build: re-enqueueing {len(lost)} responses whose judgments were lost")
-                queue.put_batch(lost)
-
-        status = ray.get(writer.finalize.remote())
-        decodes = self.decoders.counts_since_start()
-        n_rej = append_rejects(out / "rejects.jsonl", rejects)
-        elapsed = time.perf_counter() - t0
-        self._progress(status, 0, self.pool.counts(), elapsed)
-        check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build, cfg.judge,
-                     cfg.pairs, final=True)
-        return BuildResult(str(out), status, decodes, elapsed, n_rej, list(self.pool.events), timeline)
-
-    def _check_judges(self, stats: list[dict], counts: dict, waiting: int, no_judge_since, out: Path):
-        """Work must never wait on judges that are not working: a pull loop that ended, judges that
-        all keep failing, or none placed while items wait.  Returns when the wait for a judge began."""
-        for name, ref in list(self.pool.runs.items()):
-            if ray.wait([ref], timeout=0)[0]:
-                try:
-                    ray.get(ref)
-                    why = "it returned without being stopped"
-                except Exception as e:
-                    why = error_text(e)
-                raise WorkFailed(f"build {out}: the pull loop of {name} ended ({why}); what finished is kept: run the "
-                                 f"same command again to resume")
-        stuck = [s for s in stats if s.get("errors_in_a_row", 0) >= STUCK_ERRORS]
-        if stats and len(stuck) == len(stats) and waiting:
-            errs = "; ".join(f"{s['name']}: {s['last_error']}" for s in stuck[:2])
-            raise WorkFailed(f"build {out}: every judge keeps failing in its pull loop ({errs}); nothing can be "
-                             f"judged. Fix that, then run the same command again: what finished is kept")
-        loading = any(actor_placed(a) for a in self.pool.actors.values()) if counts["alive"] == 0 else False
-        if waiting and counts["alive"] == 0 and not loading:  # (a placed judge may still be loading its model)
-            now = time.monotonic()
-            no_judge_since = no_judge_since or now
-            if now - no_judge_since > self.cfg.ray.placement_timeout_s:
-                req = request_of({"num_cpus": self.cfg.judge.pool.resources.num_cpus,
-                                  "num_gpus": self.cfg.judge.pool.resources.num_gpus,
-                                  "resources": self.cfg.judge.pool.resources.custom})
-                raise unplaceable(f"build {out}: {waiting} items wait, but a judge", req,
-                                  now - no_judge_since, "Lower judge.pool.resources, or add nodes that have them")
-            return no_judge_since
-        return None
-
-    def _stall(self, out: Path, stalled: float, in_flight: dict, waiting: int, counts: dict, stats: list) -> WorkFailed:
-        gens = sorted({f"{name} batch {wb.index}" for name, _, wb in in_flight.values()})[:4]
-        errs = [f"{s['name']}: {s['last_error']}" for s in stats if s.get("last_error")][:2]
-        return WorkFailed(
-            f"build {out}: no progress for {stalled:.0f}s (build.stall_timeout_s={self.cfg.build.stall_timeout_s:g}): "
-            f"{len(in_flight)} generation batches in flight{' (' + ', '.join(gens) + ')' if gens else ''}, {waiting} "
-            f"items queued, judges {counts['alive']} alive / {counts['pending']} pending"
-            f"{'; judge errors: ' + '; '.join(errs) if errs else ''}. What finished is kept: run the same command "
-            f"again to resume, or raise build.stall_timeout_s if the models are just slow")
-
-    # ------------------------------------------------------------------ helpers
-
-    def _record_generation_error(self, writer, wb: WorkBatch, member: ZooMember, err: Exception) -> None:
-        msg = error_text(err)
-        log(f"build: {member.name} could not answer {wb.items[0].sample_id if len(wb.items) == 1 else wb.index} "
-            f"({msg}); recorded as a failure (retried by the next run of this build)")
-        records = [Response(response_id(wb.round, it.sample_id, member.name, k), it.sample_id, wb.round, member.name,
-                            member.path, member.policy, -1, k, "", 0, "error", member.sampling.temperature,
-                            member.sampling.top_p, wb.seed, error=msg)
-                   for it in wb.items for k in range(member.sampling.n)]
-        ray.get(writer.add_responses.remote(records))
 
     def with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
         """Fill missing captions with the zoo's captioner (VLM-RLAIF's context), once per video."""
