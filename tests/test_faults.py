@@ -208,7 +208,7 @@ def test_resuming_with_changed_settings_is_refused_and_config_yaml_keeps_the_fin
 
 def test_zoo_paths_follow_sft_out_and_checkpoints_know_what_trained_them(world, sft_zoo, tmp_path, capsys):
     from vpref.config import load_config
-    from vpref.train.sft import checkpoint_mismatches
+    from vpref.train.sft import checkpoint_mismatches, run_sft
 
     assert [m.path for m in load_config(None, [f"sft.out={tmp_path}/s"]).zoo] == [
         f"{tmp_path}/s/{n}" for n in ("policy", "strong", "noisy")]
@@ -218,6 +218,8 @@ def test_zoo_paths_follow_sft_out_and_checkpoints_know_what_trained_them(world, 
     assert checkpoint_mismatches(load_config(None, base)) == {}  # the fixture's own settings and world
     more = checkpoint_mismatches(load_config(None, base + ["sft.members.0.steps=61"]))
     assert set(more) == {"policy"} and "was trained from other member" in more["policy"]
+    with pytest.raises(FolderConflict, match="does not overwrite them"):  # `vpref sft` keeps them too
+        run_sft(load_config(None, base + ["sft.members.0.steps=61"]))
     # `vpref demo` refuses to evaluate checkpoints of another world or settings (and to overwrite them).
     code, err = _run_cli(capsys, "demo", *sum((["--set", o] for o in base + [
         f"synth.out={world}", "synth.n=30", "synth.seed=7", "sft.members.0.steps=61"]), []))

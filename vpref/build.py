@@ -32,7 +32,7 @@ from vpref.data.schema import response_id
 from vpref.errors import InputError, WorkFailed
 from vpref.folders import FolderLock, check_build_inputs, checkpoint_identity, digest, questions_digest
 from vpref.driver import BuildResult, drive, error_text
-from vpref.health import actor_placed, placeable_now, request_of, unplaceable
+from vpref.health import actor_placed, patience, placeable_now, request_of, unplaceable
 from vpref.judges.rubric import load_rubric
 from vpref.utils import log
 
@@ -165,10 +165,10 @@ class DataEngine:
                                      f"zoo.{index[member]}.path (a Hugging Face checkpoint folder; `vpref sft` writes "
                                      f"the demo's) and its dtype and resources") from None
             waited = time.monotonic() - t0
-            if pending and waited > self.cfg.ray.placement_timeout_s:
-                for ref in pending:  # placed ones are loading their model: they may take their time
-                    member, actor, handle = names[ref]
-                    req = self.requests.get(actor, {})
+            for ref in pending:  # placed ones are loading their model: they may take their time
+                member, actor, handle = names[ref]
+                req = self.requests.get(actor, {})
+                if waited > patience(self.cfg, req):
                     placed = actor_placed(handle)
                     if placed is False or (placed is None and not placeable_now(req)):
                         raise unplaceable(f"generator {actor}", req, waited,

@@ -25,7 +25,7 @@ from vpref.config import ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.schema import Response, response_id
 from vpref.errors import WorkFailed
-from vpref.health import STUCK_ERRORS, Watchdog, actor_placed, check_budget, request_of, unplaceable
+from vpref.health import STUCK_ERRORS, Watchdog, actor_placed, check_budget, patience, request_of, unplaceable
 from vpref.utils import log
 
 IN_FLIGHT_PER_REPLICA = 2
@@ -266,10 +266,10 @@ def check_judges(engine, stats: list[dict], counts: dict, waiting: int, no_judge
     if waiting and counts["alive"] == 0 and not loading:  # (a placed judge may still be loading its model)
         now = time.monotonic()
         no_judge_since = no_judge_since or now
-        if now - no_judge_since > engine.cfg.ray.placement_timeout_s:
-            req = request_of({"num_cpus": engine.cfg.judge.pool.resources.num_cpus,
-                              "num_gpus": engine.cfg.judge.pool.resources.num_gpus,
-                              "resources": engine.cfg.judge.pool.resources.custom})
+        req = request_of({"num_cpus": engine.cfg.judge.pool.resources.num_cpus,
+                          "num_gpus": engine.cfg.judge.pool.resources.num_gpus,
+                          "resources": engine.cfg.judge.pool.resources.custom})
+        if now - no_judge_since > patience(engine.cfg, req):
             raise unplaceable(f"build {out}: {waiting} items wait, but a judge", req,
                               now - no_judge_since, "Lower judge.pool.resources, or add nodes that have them")
         return no_judge_since

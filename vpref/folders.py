@@ -44,7 +44,13 @@ class FolderLock:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a filesystem without locks (some network mounts)
+                log(f"warning: {self.folder}: this filesystem cannot lock files ({e}); two commands on this folder "
+                    f"would not notice each other")
+                os.close(fd)
+                self._id = None
+                return self
             holder = _read_holder(fd)
             os.close(fd)
             where = f" ({self.key})" if self.key else ""

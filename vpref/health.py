@@ -127,6 +127,20 @@ def actor_placed(handle) -> bool | None:
         return None
 
 
+def fits_some_node(req: dict) -> bool:
+    """Some node of the cluster has these resources in total (free or not)."""
+    return any(_fits(req, n) for n in cluster_view()[2])
+
+
+def patience(cfg, req: dict) -> float:
+    """How long to wait for a request to be placed: ray.placement_timeout_s, but only a few seconds
+    when no node can ever hold it on a local cluster vpref started (no autoscaler adds nodes there)."""
+    from vpref.preflight import starts_local_cluster
+
+    t = cfg.ray.placement_timeout_s
+    return min(t, 5.0) if starts_local_cluster(cfg) and not fits_some_node(req) else t
+
+
 def placeable_now(req: dict) -> bool:
     """Some node has the resources in total, and the cluster has them free now."""
     total, avail, nodes = cluster_view()
@@ -143,14 +157,17 @@ def unplaceable(what: str, req: dict, waited_s: float, fix: str) -> WorkFailed:
                       f"{fix}")
 
 
-def ensure_placeable(bundles: list[dict], timeout_s: float, what: str, fix: str) -> None:
+def ensure_placeable(bundles: list[dict], timeout_s: float, what: str, fix: str, cfg=None) -> None:
     """Wait until `bundles` (a job's per-worker resources) could be placed together, then give
-    them back; WorkFailed naming the request and the cluster after `timeout_s`.  A placement
-    group that stays pending is also the demand a cluster autoscaler answers."""
+    them back; WorkFailed naming the request and the cluster after `timeout_s` (see `patience`
+    when `cfg` is given).  A placement group that stays pending is also the demand a cluster
+    autoscaler answers."""
     import ray
     from ray.util import placement_group, remove_placement_group
 
     bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+    if cfg is not None and any(not fits_some_node(b) for b in bundles):
+        timeout_s = min(timeout_s, patience(cfg, bundles[0]))
     pg = placement_group(bundles, strategy="PACK")
     try:
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

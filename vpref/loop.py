@@ -309,7 +309,7 @@ def _run(cfg: Config, run_dir: Path) -> dict:
                 d = cfg.dpo  # a Train job the cluster cannot place would wait forever: wait a bounded time
                 ensure_placeable([{"CPU": d.cpus_per_worker, "GPU": d.gpus_per_worker if d.use_gpu else 0}] * d.num_workers,
                                  cfg.ray.placement_timeout_s, f"DPO training ({d.num_workers} Ray Train workers)",
-                                 "Lower dpo.num_workers or dpo.cpus_per_worker, or add nodes")
+                                 "Lower dpo.num_workers or dpo.cpus_per_worker, or add nodes", cfg)
                 slept = engine.sleep(level=1)  # sleep-enabled vLLM generators lend their GPUs to training
                 try:
                     r = train_dpo(cfg.dpo, cfg.data, prev, rdir / "train" / "pairs_ref.parquet", rdir / "train",

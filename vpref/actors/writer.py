@@ -346,7 +346,10 @@ def _repair_into(src: Path, dst: Path, pairs_cfg: dict) -> dict:
     write_plan(dst, plan)
     if (src / "build.json").is_file():
         build = json.loads((src / "build.json").read_text())
+        from vpref.folders import digest
+
         build["pairs"] = PairsConfig.model_validate(pairs_cfg).model_dump()
+        build.setdefault("inputs", {})["pairs"] = digest(build["pairs"])
         build["repaired_from"] = str(src)
         (dst / "build.json").write_text(json.dumps(build, indent=2))
     return PairWriter(str(dst), pairs_cfg).finalize()
