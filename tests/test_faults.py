@@ -295,10 +295,10 @@ def test_a_judge_loop_that_keeps_failing_stops_the_build_with_the_cause_and_a_re
     assert _unique_rows(out, "responses") == 24 and _unique_rows(out, "judgments") == 24
 
 
-def _thin_video(folder: Path) -> Path:
+def _thin_video(folder: Path, name: str = "thin") -> Path:
     from vpref.data.video import write_video
 
-    path = folder / "thin.mp4"  # 2 x 420 pixels: the video preprocessor refuses an aspect ratio over 200
+    path = folder / f"{name}.mp4"  # 2 x 420 pixels: the video preprocessor refuses an aspect ratio over 200
     write_video(path, np.random.default_rng(0).integers(0, 255, (8, 2, 420, 3), dtype=np.uint8))
     return path
 
@@ -374,12 +374,22 @@ def test_no_judge_can_be_placed_the_build_stops_naming_what_was_asked_and_what_t
     assert _unique_rows(tmp_path / "b", "responses") == 12  # what was generated is kept for the re-run
 
 
-def test_zero_pairs_exits_non_zero_with_the_setting_that_decides_it(engine, train, tmp_path):
-    with _Config(engine, "pairs.min_margin=4.5"):
+@pytest.mark.parametrize("case", ["zero pairs", "every generation failed"])
+def test_systemic_failure_exits_non_zero_naming_what_failed_and_what_decides_it(case, engine, train, tmp_path):
+    if case == "zero pairs":
+        todo, overrides = train[:4], ["pairs.min_margin=4.5"]
+        expect = ["no pairs: none of the 4 questions", "pairs.min_margin=4.5"]
+    else:
+        todo = [Sample(f"thin{i}", str(_thin_video(tmp_path, f"thin{i}")), "What colour is the circle?",
+                       "The circle is red.", train[0].caption, {"family": "colour"}) for i in range(2)]
+        overrides = []
+        expect = ["zoo member 'policy' produced nothing: 4 of 4 generations failed: ValueError: absolute aspect ratio",
+                  "zoo member 'other' produced nothing: 2 of 2"]
+    with _Config(engine, *overrides):
         with pytest.raises(WorkFailed) as e:
-            engine.build(train[:4], tmp_path / "b", round_=4)
-    assert exit_code(e.value) == 3 and "no pairs" in str(e.value) and "pairs.min_margin=4.5" in str(e.value)
-    assert _unique_rows(tmp_path / "b", "judgments") == 12
+            engine.build(todo, tmp_path / "b", round_=4)
+    assert exit_code(e.value) == 3 and all(x in str(e.value) for x in expect), str(e.value)
+    assert _unique_rows(tmp_path / "b", "responses") == 3 * len(todo)  # every record kept, once
 
 
 def test_a_build_folder_of_other_inputs_is_refused_and_fresh_starts_it_again(engine, train, tmp_path):
@@ -425,6 +435,7 @@ class _Endpoint:
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.requests = 0
         self.server = None
+        self.refuse = None  # a prompt containing this text is answered with HTTP 400
 
     def up(self):
         outer = self
@@ -433,6 +444,11 @@ class _Endpoint:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
+                if outer.refuse and outer.refuse in body["messages"][0]["content"]:
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 answer = body["messages"][0]["content"].split("Answer to judge:")[-1].split("\n")[0]
                 score = 1 + sum(map(ord, answer)) % 5
                 text = f"Relevance: {score}\nAccuracy: {score}\nClarity: 3\nRationale: scored."
@@ -454,6 +470,27 @@ class _Endpoint:
         if self.server:
             self.server.shutdown()
             self.server.server_close()
+
+
+def test_a_judge_error_on_one_question_fails_only_that_questions_judgments():
+    from vpref.actors.judge import judge_items
+    from vpref.judges.llm import LLMJudge
+    from vpref.models.openai_chat import OpenAIChat
+
+    endpoint = _Endpoint()
+    endpoint.up()
+    endpoint.refuse = "How many shapes"
+    try:
+        judge = LLMJudge(OpenAIChat(endpoint.url, "stub", retries=0), "mmaipv", max_parse_retries=0)
+        items = [{"kind": "response", "response_id": f"r{i}", "text": f"answer {i}", "sample_id": sid, "question": q,
+                  "answer": None, "caption": "One red circle.", "family": None}
+                 for i, (sid, q) in enumerate([("s1", "What colour is it?"), ("s1", "What colour is it?"),
+                                               ("s2", "How many shapes are there?"), ("s3", "Which way?")])]
+        judgments, _ = judge_items(judge, items)  # before: the whole batch raised (then all four failed)
+    finally:
+        endpoint.close()
+    assert [(j.response_id, j.ok) for j in judgments] == [("r0", True), ("r1", True), ("r2", False), ("r3", True)]
+    assert "judge error: EndpointError" in judgments[2].error and "HTTP 400" in judgments[2].error
 
 
 def test_a_judge_endpoint_that_is_down_fails_the_build_and_a_rerun_after_it_recovers_retries_only_the_failures(

@@ -57,8 +57,6 @@ def check_files(cfg: Config, command: str) -> list[Problem]:
         out.append(Problem("data.root", cfg.data.root, "no such folder (the folder the manifests' videos live in)"))
     for i, m in _members(cfg, command):
         p = Path(m.path)
-        if command == "eval" and m.policy:
-            continue  # `vpref eval --checkpoint` brings the weights
         made_by = f"`vpref sft` writes it ({cfg.sft.out}/<member>; run `vpref sft CONFIG` first)"
         if not p.exists():
             out.append(Problem(f"zoo.{i}.path", m.path, f"zoo member {m.name!r}: no such checkpoint; {made_by}, or "
