@@ -5,57 +5,39 @@
     JudgePool: JudgeActor × [min..max] pull batches -> score -> PairWriter -> pairs (Parquet)
 
 `DataEngine` owns the long-lived actors (generators keep their models across rounds and are
-reloaded in place; judges keep theirs); `DataEngine.build` runs one build into a folder.  The
-driver only dispatches work, watches the queue to scale the judge pool, and re-enqueues work
-whose result was lost (a judge or the queue dying mid-batch).  Re-running a build skips what is
-on disk.
+reloaded in place; judges keep theirs); `DataEngine.build` sets one build up in a folder (its
+lock, its inputs, its plan, what is on disk and which failures to try again) and runs the driver
+loop (`vpref.driver.drive`), which only dispatches work, watches the queue and the judges, and
+re-enqueues work whose result was lost.  Re-running a build skips what is on disk.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import zlib
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from vpref.actors.decode import DecoderPool
-from vpref.actors.generator import GeneratorActor, WorkBatch, WorkItem
+from vpref.actors.generator import GeneratorActor
 from vpref.actors.metrics import driver_metrics
 from vpref.actors.queue import BatchQueue
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
 from vpref.config import Config, ZooMember
-from vpref.data.manifest import Reject, Sample, append_rejects
-from vpref.data.schema import Response, response_id
+from vpref.data.manifest import Sample
+from vpref.data.schema import response_id
+from vpref.errors import InputError, WorkFailed
+from vpref.folders import FolderLock, check_build_inputs, checkpoint_identity, digest, questions_digest
+from vpref.driver import BuildResult, drive, error_text
+from vpref.health import actor_placed, patience, placeable_now, request_of, unplaceable
 from vpref.judges.registry import judge_identity
 from vpref.utils import log
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
-IN_FLIGHT_PER_REPLICA = 2
-
-
-def batch_seed(run_seed: int, round_: int, member: ZooMember, index: int) -> int:
-    return zlib.crc32(f"{run_seed}:{round_}:{member.name}:{member.sampling.seed}:{index}".encode())
-
-
-@dataclass
-class BuildResult:
-    out_dir: str
-    status: dict
-    decodes: dict
-    seconds: float
-    rejects: int
-    judge_events: list = field(default_factory=list)
-    timeline: list = field(default_factory=list)  # (seconds, responses, judged, queue depth, judges alive)
-
-    def summary(self) -> dict:
-        return {"out_dir": self.out_dir, "seconds": round(self.seconds, 2), "rejects": self.rejects,
-                "decodes": self.decodes, **self.status}
 
 
 class DataEngine:
@@ -66,6 +48,8 @@ class DataEngine:
         self.state_dir = Path(state_dir)
         self.generators: dict[str, list] = {}
         self.groups: list = []  # placement groups of tensor-parallel generators
+        self.requests: dict[str, dict] = {}  # actor name -> the resources it asks for
+        self._ready = False
         for m in cfg.zoo:
             if members is not None and m.name not in members:
                 continue
@@ -83,6 +67,7 @@ class DataEngine:
                 replicas.append(RemoteGenerator.options(
                     name=name, namespace=ns, max_restarts=-1, max_task_retries=-1, **res,
                 ).remote(m.model_dump(), name, str(self.state_dir / "actors" / f"{name}.json")))
+                self.requests[name] = request_of(res)
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
         self.decoders = DecoderPool(cfg.data, cfg.data.decoders, ns)
@@ -125,20 +110,59 @@ class DataEngine:
         ray.get([a.wake_up.remote() for a in actors])
         return len(actors)
 
-    def judge_items(self, items: list[dict]) -> list:
+    def judge_items(self, items: list[dict], what: str = "evaluation") -> list:
         """Score response items outside a build (evaluation): the reference judge runs right here;
-        an LLM judge runs on a pool judge (its model is already loaded there)."""
+        an LLM judge runs on a pool judge (its model is already loaded there).  A judge that fails
+        gives failure records; more than build.max_judge_failure_rate of them stops the command."""
         from vpref.actors.judge import judge_items, make_judge
 
         if self.cfg.judge.kind == "reference":
-            return judge_items(make_judge(self.cfg.judge, actor="driver"), items)[0]
-        if not self.pool.actors:
-            self.pool._spawn()
-        name = sorted(self.pool.actors)[0]
-        return ray.get(self.pool.actors[name].score_items.remote(items))
+            out = judge_items(make_judge(self.cfg.judge, actor="driver"), items)[0]
+        else:
+            if not self.pool.actors:
+                self.pool._spawn()
+            name = sorted(self.pool.actors)[0]
+            out = ray.get(self.pool.actors[name].score_items.remote(items))
+        failed = [j for j in out if not j.ok]
+        b = self.cfg.build
+        if out and len(failed) / len(out) > b.max_judge_failure_rate:
+            errs = "; ".join(sorted({j.error or "?" for j in failed})[:2])
+            j = self.cfg.judge
+            raise WorkFailed(f"{what}: {len(failed)} of {len(out)} judgments failed (> build.max_judge_failure_rate "
+                             f"{b.max_judge_failure_rate:.0%}): {errs}. Check the judge (judge.kind={j.kind}"
+                             f"{', judge.model=' + str(j.model) if j.model else ''}), then run the same command again")
+        return out
 
     def wait_ready(self) -> None:
-        ray.get([a.info.remote() for reps in self.generators.values() for a in reps])
+        """Wait until every generator has loaded its model.  A member that fails to start stops the
+        command naming it and the cause; one that no node can place (or that stays unplaced while
+        the cluster lacks what it asks) stops it after ray.placement_timeout_s."""
+        if self._ready:
+            return
+        names = {a.info.remote(): (m, f"gen-{m}-{i}", a) for m, reps in self.generators.items()
+                 for i, a in enumerate(reps)}
+        index = {m.name: i for i, m in enumerate(self.cfg.zoo)}
+        t0, pending = time.monotonic(), list(names)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            for ref in ready:
+                member, actor, _ = names[ref]
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    raise WorkFailed(f"zoo member {member!r} ({actor}) could not start: {error_text(e)}. Check "
+                                     f"zoo.{index[member]}.path (a Hugging Face checkpoint folder; `vpref sft` writes "
+                                     f"the demo's) and its dtype and resources") from None
+            waited = time.monotonic() - t0
+            for ref in pending:  # placed ones are loading their model: they may take their time
+                member, actor, handle = names[ref]
+                req = self.requests.get(actor, {})
+                if waited > patience(self.cfg, req):
+                    placed = actor_placed(handle)
+                    if placed is False or (placed is None and not placeable_now(req)):
+                        raise unplaceable(f"generator {actor}", req, waited,
+                                          f"Lower zoo.{index[member]}.resources, or add nodes that have it")
+        self._ready = True
 
     def shutdown(self) -> None:
         self.pool.shutdown()
@@ -157,14 +181,36 @@ class DataEngine:
 
     def build(self, samples: list[Sample], out_dir: str | Path, round_: int = 0, policy_version: int = 0,
               progress_every_s: float = 5.0) -> BuildResult:
+        """One build into `out_dir`, locked while it runs.  Resumes what is on disk (and tries failed
+        items again, up to build.max_attempts); refuses a folder holding a build of other inputs;
+        raises WorkFailed past the failure budget or when the work stalls."""
+        out = Path(out_dir)
+        with FolderLock(out, "build", key="build.out"):
+            return self._build(samples, out, round_, policy_version, progress_every_s)
+
+    def build_inputs(self, samples: list[Sample], round_: int, policy_version: int) -> dict[str, str]:
+        """Digests of what a build is made from (recorded in build.json; another build's folder is refused)."""
+        cfg = self.cfg
+        keep = {"name", "path", "backend", "policy", "role", "sampling", "batch_size", "dtype"}
+        zoo = [{**m.model_dump(include=keep), "checkpoint": checkpoint_identity(m.path)} for m in self.members]
+        judge = cfg.judge.model_dump(exclude={"pool", "vllm", "api_concurrency", "api_timeout_s", "api_retries",
+                                              "api_key_env", "api_base"})
+        return {"questions": questions_digest((s.id, s.video, s.question, s.answer, s.family) for s in samples),
+                "zoo": digest(zoo), "judge": digest([judge_identity(cfg), judge]),
+                "pairs": digest(cfg.pairs.model_dump()), "round": digest([round_, policy_version])}
+
+    def _build(self, samples: list[Sample], out: Path, round_: int, policy_version: int,
+               progress_every_s: float) -> BuildResult:
         t0 = time.perf_counter()
         cfg = self.cfg
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         judge, rubric, rubric_version = judge_identity(cfg)
         members = self.members
         if not members:
-            raise ValueError("the zoo has no generator (role: generator) members")
+            raise InputError("the zoo has no generator members: set `role: generator` on at least one zoo entry")
+        inputs = self.build_inputs(samples, round_, policy_version)
+        check_build_inputs(out, inputs, "choose another folder (build.out), or start it afresh with "
+                                        "`vpref build-data --fresh` (deletes that build)")
+        self.wait_ready()
         self.decoders.reset()
         samples = self.with_captions(samples, out)
         by_id = {s.id: s for s in samples}
@@ -178,178 +224,42 @@ class DataEngine:
         }
         (out / "build.json").write_text(json.dumps(
             {"round": round_, "policy_version": policy_version, "judge": judge, "rubric": rubric_version,
-             "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples)},
-            indent=2))
+             "zoo": [m.model_dump() for m in members], "pairs": cfg.pairs.model_dump(), "samples": len(samples),
+             "inputs": inputs}, indent=2))
         queue, pair_queue, writer = self.queue, self.pair_queue, self.writer
         for q in (queue, pair_queue):  # leftovers of an earlier build (re-enqueued duplicates)
             while q is not None and q.get_batch(1024, timeout=0):
                 pass
         write_plan(out, plan)
         done_ids = set(ray.get(writer.open.remote(str(out), cfg.pairs.model_dump())))  # what is on disk
+        retried = ray.get(writer.retry_failures.remote(cfg.build.max_attempts))
+        if retried["responses"] or retried["judgments"] or retried["verdicts"]:
+            log(f"build: trying again {retried['responses']} failed generations, {retried['judgments']} failed "
+                f"judgments, {retried['verdicts']} failed verdicts (build.max_attempts={cfg.build.max_attempts})")
+        if retried["exhausted"]:
+            log(f"build: {retried['exhausted']} items failed build.max_attempts={cfg.build.max_attempts} times; "
+                f"their failure records stay (not tried again)")
+        done_ids -= set(retried["response_ids"])
 
         # Work: batches of each member in sample order; a batch whose responses are all on disk is done.
+        # A batch only partly on disk (its failed items are tried again) sends just those, one by one.
         todo: dict[str, deque] = {}
         for m in members:
             batches = deque()
             for b, start in enumerate(range(0, len(samples), m.batch_size)):
                 chunk = samples[start:start + m.batch_size]
-                ids = [response_id(round_, s.id, m.name, k) for s in chunk for k in range(m.sampling.n)]
-                if not set(ids) <= done_ids:
-                    batches.append((start, b, chunk))
+                need = [s for s in chunk
+                        if not {response_id(round_, s.id, m.name, k) for k in range(m.sampling.n)} <= done_ids]
+                if len(need) == len(chunk):
+                    batches.append((start, b, chunk, None))  # with the batch's seed: a resumed build says the same
+                else:
+                    batches.extend((start, b, [s], s.id) for s in need)
             todo[m.name] = batches
-        n_batches = sum(len(q) for q in todo.values())
-
         self.pool.attach(queue, pair_queue, writer)
-
-        clip_refs: dict[str, ray.ObjectRef] = {}
-        failed_videos: dict[str, str] = {}
-        users: dict[str, int] = {}  # video -> batches still to use its frames
-        for q in todo.values():
-            for _, _, chunk in q:
-                for s in chunk:
-                    users[s.video] = users.get(s.video, 0) + 1
-        in_flight: dict[ray.ObjectRef, tuple] = {}  # generate_batch ref -> (member, replica, batch)
-        load = {(m.name, i): 0 for m in members for i in range(m.replicas)}
-        rejects: list[Reject] = []
-        lookahead = 4 * max(m.batch_size for m in members)
-        timeline, last_log, idle_checks = [], 0.0, 0
-        members_by_name = {m.name: m for m in members}
-
-        def frontier() -> int:
-            heads = [q[0][0] for q in todo.values() if q]
-            return min(heads) if heads else len(samples)
-
-        def ensure_decoded(upto: int) -> None:
-            for s in samples[:upto]:
-                if s.video not in clip_refs and s.video not in failed_videos and users.get(s.video):
-                    clip_refs[s.video] = self.decoders.submit(s.video)
-
-        def resolve(videos) -> bool:
-            """True when every video is decoded or known bad; records decode failures."""
-            for v in videos:
-                if v not in clip_refs and v not in failed_videos:
-                    clip_refs[v] = self.decoders.submit(v)
-            refs = [clip_refs[v] for v in videos if v in clip_refs]
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-            if len(ready) < len(refs):
-                return False
-            for v in videos:
-                if v in clip_refs:
-                    try:
-                        ray.get(clip_refs[v])
-                    except Exception as e:  # VideoDecodeError, wrapped by Ray
-                        cause = getattr(e, "cause", None) or str(e).splitlines()[-1]
-                        failed_videos[v] = cause
-                        del clip_refs[v]
-            return True
-
-        dropped: dict[str, str] = {}  # question -> why it cannot be answered (its video did not decode)
-
-        def drop_failed(chunk) -> list[Sample]:
-            bad = {s.id: f"video {s.video} could not be decoded: {failed_videos[s.video]}"
-                   for s in chunk if s.video in failed_videos}
-            if bad:
-                new = [b for b in bad if b not in dropped]
-                if new:
-                    ray.get(writer.drop_samples.remote({b: bad[b] for b in new}))
-                    rejects.extend(Reject("decode", 0, b, bad[b], by_id[b].to_row()) for b in new)
-                    dropped.update({b: bad[b] for b in new})
-            return [s for s in chunk if s.id not in bad]
-
-        def dispatch() -> None:
-            limit = frontier() + lookahead  # members stay within a window, which bounds the frames held
-            ensure_decoded(min(len(samples), limit))
-            progressed = True
-            while progressed:
-                progressed = False
-                order = sorted((q[0][0], name) for name, q in todo.items() if q and q[0][0] < limit)
-                for _, name in order:
-                    m = members_by_name[name]
-                    free = [i for i in range(m.replicas) if load[(name, i)] < IN_FLIGHT_PER_REPLICA]
-                    if not free:
-                        continue
-                    start, b, chunk = todo[name][0]
-                    if not resolve({s.video for s in chunk}):
-                        continue
-                    todo[name].popleft()
-                    good = drop_failed(chunk)
-                    for s in chunk:
-                        users[s.video] -= 1
-                    if good:
-                        items = [WorkItem(s.id, s.question, s.answer, s.caption, s.family, s.video, clip_refs[s.video])
-                                 for s in good]
-                        wb = WorkBatch(name, b, round_, batch_seed(cfg.run.seed, round_, m, b), items)
-                        i = min(free, key=lambda k: load[(name, k)])
-                        ref = self.generators[name][i].generate_batch.remote(wb, queue, writer)
-                        in_flight[ref] = (name, i, wb)
-                        load[(name, i)] += 1
-                    for s in chunk:  # in-flight tasks hold their own references to the frames
-                        if users[s.video] == 0:
-                            clip_refs.pop(s.video, None)
-                    progressed = True
-
-        dispatch()  # generation first, then what an earlier attempt persisted but never judged
-        queue.put_batch(ray.get(writer.missing.remote()))
-        while True:
-            dispatch()
-            refs = list(in_flight)
-            if refs:
-                ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
-                for ref in ready:
-                    name, i, wb = in_flight.pop(ref)
-                    load[(name, i)] -= 1
-                    try:
-                        ray.get(ref)
-                    except Exception as e:  # a generation that failed for good: record it, never lose the questions
-                        self._record_generation_error(writer, wb, members_by_name[name], e)
-            else:
-                time.sleep(0.1)
-            status = ray.get(writer.status.remote())
-            depth = queue.size()
-            self.metrics["queue_depth"].set(depth)
-            stats = self.pool.stats()
-            self.pool.step(depth, stats)
-            counts = self.pool.counts()
-            elapsed = time.perf_counter() - t0
-            timeline.append((round(elapsed, 3), status["responses"], status["judged"], depth, counts["alive"]))
-            if elapsed - last_log >= progress_every_s:
-                last_log = elapsed
-                self._progress(status, depth, counts, elapsed)
-            generating = bool(in_flight) or any(todo.values())
-            if not generating and status["complete"]:
-                break
-            # Everything generated, nothing queued, no judge busy, still incomplete: results were
-            # lost (a judge or the queue died mid-batch).  Re-enqueue what is missing.
-            quiet = (not generating and depth == 0 and (pair_queue is None or pair_queue.size() == 0)
-                     and not any(s["busy"] for s in stats))
-            idle_checks = idle_checks + 1 if quiet else 0
-            if idle_checks >= 3:
-                idle_checks = 0
-                if dropped:  # a restarted writer forgot them (they are not on disk)
-                    ray.get(writer.drop_samples.remote(dropped))
-                lost = ray.get(writer.missing.remote())
-                if lost:
-                    log(f"build: re-enqueueing {len(lost)} responses whose judgments were lost")
-                queue.put_batch(lost)
-
-        self.pool.detach()
-        status = ray.get(writer.finalize.remote())
-        decodes = self.decoders.counts_since_start()
-        n_rej = append_rejects(out / "rejects.jsonl", rejects)
-        elapsed = time.perf_counter() - t0
-        self._progress(status, 0, self.pool.counts(), elapsed)
-        return BuildResult(str(out), status, decodes, elapsed, n_rej, list(self.pool.events), timeline)
-
-    # ------------------------------------------------------------------ helpers
-
-    def _record_generation_error(self, writer, wb: WorkBatch, member: ZooMember, err: Exception) -> None:
-        msg = f"{type(err).__name__}: {str(err).splitlines()[-1][:300] if str(err) else ''}"
-        log(f"build: generation batch {wb.index} of {member.name} failed for good ({msg}); recorded as errors")
-        records = [Response(response_id(wb.round, it.sample_id, member.name, k), it.sample_id, wb.round, member.name,
-                            member.path, member.policy, -1, k, "", 0, "error", member.sampling.temperature,
-                            member.sampling.top_p, wb.seed, error=msg)
-                   for it in wb.items for k in range(member.sampling.n)]
-        ray.get(writer.add_responses.remote(records))
+        try:
+            return drive(self, samples, out, round_, todo, by_id, t0, progress_every_s)
+        finally:
+            self.pool.detach()
 
     def with_captions(self, samples: list[Sample], out: Path) -> list[Sample]:
         from vpref.judges.captions import caption_samples  # the captioner (VLM-RLAIF's context), once per video

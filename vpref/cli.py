@@ -16,9 +16,17 @@ def _config(args):
 
 
 def cmd_synth(args) -> int:
+    from pydantic import ValidationError
+
+    from vpref.config import SynthConfig
     from vpref.data.synth import SynthSpec, synthesize
     from vpref.utils import log
 
+    try:  # the same bounds as the synth.* keys
+        SynthConfig(out=args.out, n=args.n, seed=args.seed, size=args.size)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"--{err['loc'][0]} {err['input']!r} is not allowed: {err['msg']} (`vpref synth --help`)") from None
     spec = SynthSpec(n=args.n, seed=args.seed, size=args.size)
     summary = synthesize(args.out, spec, progress=None)
     log(f"synth: {sum(summary['videos'].values())} videos in {summary['seconds']}s -> {args.out}")
@@ -55,20 +63,33 @@ def cmd_build_data(args) -> int:
     from vpref.data.manifest import append_rejects, load_manifest
     from vpref.utils import log
 
+    from vpref import preflight
+    from vpref.folders import FolderLock, clear_build
+
     cfg = _config(args)
+    preflight.require(cfg, "build-data")
     out = Path(cfg.build.out)
-    manifest = load_manifest(getattr(cfg.data, cfg.build.split), cfg.data.root)
-    log(manifest.summary())
-    if append_rejects(out / "rejects.jsonl", manifest.rejects):
-        log(f"{len(manifest.rejects)} manifest rows set aside in {out / 'rejects.jsonl'}")
-    samples = manifest.samples[: cfg.build.max_samples]
-    init_ray(cfg.ray)
-    engine = DataEngine(cfg, out / "_actors")
-    try:
-        result = engine.build(samples, out)
-    finally:
-        engine.shutdown()
-    stats = write_card(out, result.summary())
+    with FolderLock(out, "build-data", key="build.out"):
+        if args.fresh:
+            removed = clear_build(out)
+            if removed:
+                log(f"--fresh: removed the earlier build in {out} ({', '.join(removed)})")
+        manifest = load_manifest(getattr(cfg.data, cfg.build.split), cfg.data.root)
+        log(manifest.summary())
+        if append_rejects(out / "rejects.jsonl", manifest.rejects):
+            log(f"{len(manifest.rejects)} manifest rows set aside in {out / 'rejects.jsonl'}")
+        samples = manifest.samples[: cfg.build.max_samples]
+        if not samples:
+            from vpref.loop import require_questions
+
+            require_questions(cfg, cfg.build.split, samples, out / "rejects.jsonl")
+        init_ray(cfg.ray)
+        engine = DataEngine(cfg, out / "_actors")
+        try:
+            result = engine.build(samples, out)
+        finally:
+            engine.shutdown()
+        stats = write_card(out, result.summary())
     _print_card(stats, result, out)
     return 0
 
@@ -112,6 +133,7 @@ def cmd_eval(args) -> int:
     import tempfile
     from pathlib import Path
 
+    from vpref import preflight
     from vpref.build import DataEngine
     from vpref.cluster import init_ray
     from vpref.config import SUITES
@@ -119,9 +141,10 @@ def cmd_eval(args) -> int:
     from vpref.eval.report import family_table, table
     from vpref.eval.suites import failed_share
     from vpref.eval.tables import suite_tables
-    from vpref.loop import _split
+    from vpref.loop import _split, require_questions
 
     cfg = _config(args)
+    preflight.require(cfg, "eval")
     suites = cfg.eval.suites if args.suite is None else [x for x in args.suite.split(",") if x and x != "none"]
     unknown = [x for x in suites if x not in SUITES]
     if unknown:
@@ -130,8 +153,9 @@ def cmd_eval(args) -> int:
     if member is None:
         raise ValueError("the zoo has no policy member to host the checkpoint (set policy: true on one)")
     for c in args.checkpoint:
-        if not Path(c).is_dir():
-            raise FileNotFoundError(f"checkpoint folder not found: {c}")
+        if not (Path(c) / "config.json").is_file():
+            raise FileNotFoundError(f"--checkpoint {c}: not a Hugging Face checkpoint folder (no config.json); "
+                                    f"`vpref sft` writes sft.out/<member>, and `vpref run` run.out_dir/round_<t>/policy")
     init_ray(cfg.ray)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp)
@@ -144,6 +168,7 @@ def cmd_eval(args) -> int:
             runner = suite_runner(cfg, out, rejects, suites)
             evaluator = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, rejects), rejects,
                                   extra_videos=runner.videos if runner else ())
+            require_questions(cfg, cfg.eval.split, evaluator.samples, rejects)
             if runner:
                 runner.drop_videos(evaluator.failed_videos, rejects)
             for i, ckpt in enumerate(args.checkpoint):
@@ -176,8 +201,9 @@ def cmd_demo(args) -> int:
 
     from vpref.config import load_config
     from vpref.data.synth import SynthSpec, synthesize
+    from vpref.errors import FolderConflict
     from vpref.loop import print_table, run
-    from vpref.train.sft import run_sft
+    from vpref.train.sft import checkpoint_mismatches, run_sft
     from vpref.utils import log
 
     cfg = load_config(None, args.set or [])
@@ -185,13 +211,33 @@ def cmd_demo(args) -> int:
         for d in (cfg.synth.out, cfg.sft.out, cfg.run.out_dir):
             shutil.rmtree(d, ignore_errors=True)
     t0 = time.perf_counter()
+    s = cfg.synth
+    spec = SynthSpec(s.n, s.seed, s.size, s.min_frames, s.max_frames, s.fps, tuple(s.split))
+    fresh = "run `vpref demo --fresh` (deletes synth.out, sft.out and run.out_dir first), or set those folders elsewhere"
+    made = Path(s.out) / "synth.json"
+    if made.is_file():  # the world there must be the one this demo asks for, not an earlier demo's
+        import dataclasses
+
+        old = json.loads(made.read_text()).get("spec", {})
+        diff = {k: (old.get(k), v) for k, v in json.loads(json.dumps(dataclasses.asdict(spec))).items()
+                if old.get(k) != v}
+        if diff:
+            raise FolderConflict(f"synth.out={s.out} holds a synthetic world made with other settings ("
+                                 + ", ".join(f"synth.{k} {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+                                 + f"): {fresh}")
     if not Path(cfg.data.train).is_file():
-        s = cfg.synth
-        synthesize(s.out, SynthSpec(s.n, s.seed, s.size, s.min_frames, s.max_frames, s.fps, tuple(s.split)))
+        synthesize(s.out, spec)
         log(f"demo: synthetic world written to {s.out}")
-    if not all((Path(cfg.sft.out) / m.name / "model.safetensors").is_file() for m in cfg.sft.members):
+    need = checkpoint_mismatches(cfg)  # SFT checkpoints must be trained on this world with these settings
+    other = [why for why in need.values() if why != "missing"]
+    if other:
+        raise FolderConflict(f"sft.out={cfg.sft.out} holds checkpoints not trained from this demo's world and "
+                             f"settings ({'; '.join(other)}): {fresh}")
+    if need:
         report = run_sft(cfg)
         _print_sft_table(report)
+    else:
+        log(f"demo: SFT checkpoints in {cfg.sft.out} match this world and settings; SFT skipped")
     metrics = run(cfg)
     print(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
           f"({metrics['rounds'][0]['eval']['questions']} questions), {time.perf_counter() - t0:.0f}s in all")
@@ -245,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_sft)
 
     s = with_config(sub.add_parser("build-data", help="build preference pairs with the zoo and the judge pool"))
+    s.add_argument("--fresh", action="store_true",
+                   help="delete the build already in build.out (even one of other inputs) and start again")
     s.set_defaults(fn=cmd_build_data)
 
     s = sub.add_parser("pairs", help="re-pair a build's saved judgments with another strategy (no regeneration)")
@@ -286,14 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def exit_code(e: BaseException) -> int:
+    """The exit code an error ends a command with (see vpref.errors): 2 bad input, 3 the work
+    failed, 4 the output folder is in use or holds other results, 130 interrupted, 1 a bug."""
+    from vpref.errors import VprefError
+
+    if isinstance(e, VprefError):
+        return e.exit_code
+    if isinstance(e, (ConfigError, FileNotFoundError, ValueError)):
+        return 2
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    return 1
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    from vpref.errors import VprefError
+
     try:
         return args.fn(args)
     except ConfigError as e:
         print(f"vpref: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"vpref {args.command}: {e}", file=sys.stderr)
-        return 2
+        return exit_code(e)
+    except (VprefError, FileNotFoundError, ValueError, KeyboardInterrupt) as e:
+        print(f"vpref {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return exit_code(e)

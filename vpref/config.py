@@ -54,6 +54,9 @@ class RayConfig(_Section):
     namespace: str | None = F(
         None, "Ray namespace of vpref's named actors; null: vpref-<run.name>, so two runs on one cluster never clash"
     )
+    placement_timeout_s: float = F(
+        600.0, "seconds an actor or the training job may wait for resources no node has (an autoscaler may add "
+        "them) before the command stops, naming what was asked and what the cluster has", gt=0)
 
 
 class SynthConfig(_Section):
@@ -81,7 +84,7 @@ class DataConfig(_Section):
     dev: str = F("data/synth/dev.jsonl", "manifest of the dev questions (ExPO alpha selection, SFT report)")
     test: str = F("data/synth/test.jsonl", "manifest of the held-out test questions (evaluation)")
     num_frames: int = F(8, "frames sampled uniformly from each video", ge=1)
-    frame_size: int | None = F(None, "resize frames to this square size when decoding (null: keep)")
+    frame_size: int | None = F(None, "resize frames to this square size when decoding (null: keep)", ge=1)
     decode_timeout_s: float = F(30.0, "seconds a single video may take to decode before it is rejected", gt=0)
     decoders: int = F(2, "decoder actors (each video of a build is decoded once, by one of them)", ge=1)
 
@@ -120,10 +123,11 @@ def _check_family(family: str | None) -> str | None:
 
 class ZooMember(_Section):
     name: str = F("policy", "unique name of this generator (actor names are gen-<name>-<i>)")
-    path: str = F("runs/demo/sft/policy", "Hugging Face checkpoint folder of the model")
     family: str | None = F(
         None, "model family the checkpoint must be (its config.json model_type, e.g. qwen2_5_vl, llava_onevision, "
         "internvl); null: whatever the checkpoint says. Checked when the model loads")
+    path: str | None = F(None, "Hugging Face checkpoint folder of the model; null: sft.out/<name> (what `vpref sft` "
+                               "writes for this member)")
     backend: Literal["hf", "vllm"] = F("hf", "generation backend: hf (CPU/GPU) or vllm (GPU only)")
     policy: bool = F(False, "this member is the policy being trained (reloaded every round)")
     role: Literal["generator", "captioner"] = F(
@@ -143,14 +147,12 @@ class ZooMember(_Section):
 
 
 def _demo_zoo() -> list[ZooMember]:
-    """Two families: Qwen2.5-VL (the policy and a stronger sibling) and LLaVA-OneVision."""
-    s = "runs/demo/sft"
+    """Two families: Qwen2.5-VL (the policy and a stronger sibling) and LLaVA-OneVision. Paths
+    null: the checkpoints `vpref sft` writes under sft.out."""
     return [
-        ZooMember(name="policy", path=f"{s}/policy", family="qwen2_5_vl", policy=True,
-                  sampling=SamplingConfig(temperature=1.0, n=2)),
-        ZooMember(name="strong", path=f"{s}/strong", family="qwen2_5_vl", sampling=SamplingConfig(temperature=0.7, n=1)),
-        ZooMember(name="noisy", path=f"{s}/noisy", family="llava_onevision",
-                  sampling=SamplingConfig(temperature=1.0, n=1)),
+        ZooMember(name="policy", family="qwen2_5_vl", policy=True, sampling=SamplingConfig(temperature=1.0, n=2)),
+        ZooMember(name="strong", family="qwen2_5_vl", sampling=SamplingConfig(temperature=0.7, n=1)),
+        ZooMember(name="noisy", family="llava_onevision", sampling=SamplingConfig(temperature=1.0, n=1)),
     ]
 
 
@@ -354,9 +356,17 @@ class PairsConfig(_Section):
 
 class BuildConfig(_Section):
     split: Literal["train", "dev", "test"] = F("train", "manifest the preference data is built from")
-    max_samples: int | None = F(None, "use only the first N questions (null: all)")
+    max_samples: int | None = F(None, "use only the first N questions (null: all)", ge=1)
     queue_size: int = F(256, "bound of the response queue; a full queue slows the generators", ge=1)
     out: str = F("runs/demo/data", "output folder of a standalone `vpref build-data`")
+    max_attempts: int = F(3, "tries of an item that failed (a generation or a judgment with no result), counted "
+                             "across re-runs of the build; items that succeeded are never redone", ge=1)
+    max_judge_failure_rate: float = F(0.2, "the build stops (exit 3) when more than this share of judgments failed",
+                                      ge=0, le=1)
+    max_generation_failure_rate: float = F(0.2, "the build stops (exit 3) when more than this share of "
+                                                "generations failed, or when a zoo member produced nothing", ge=0, le=1)
+    stall_timeout_s: float = F(600.0, "seconds without progress (nothing generated, judged or paired) before the "
+                                      "build stops and says what it was waiting for", gt=0)
 
 
 class LoraConfig(_Section):
@@ -406,7 +416,7 @@ class LoopConfig(_Section):
     )
     mix_alpha: float = F(0.6, "reference: mix -> ref = a*previous_policy + (1-a)*previous_reference", ge=0, le=1)
     questions_per_round: int | None = F(
-        900, "train questions sampled afresh each round (seeded by round); null: all of them every round"
+        900, "train questions sampled afresh each round (seeded by round); null: all of them every round", ge=1
     )
     alpha: float = F(0.3, "ExPO extrapolation: theta = theta_dpo + alpha*(theta_dpo - theta_ref)", ge=0)
     alpha_grid: list[float] | None = F(
@@ -461,7 +471,7 @@ class EvalSetsConfig(_Section):
 
 class EvalConfig(_Section):
     split: Literal["dev", "test"] = F("test", "manifest evaluated each round")
-    max_samples: int | None = F(None, "evaluate only the first N questions (null: all)")
+    max_samples: int | None = F(None, "evaluate only the first N questions (null: all)", ge=1)
     batch_size: int = F(32, "questions per generate call", ge=1)
     max_new_tokens: int = F(48, "answer length limit", ge=1)
     suites: list[Literal[SUITES]] = FL(lambda: list(SUITES), "suites run each round and by `vpref eval` "
@@ -509,6 +519,13 @@ class Config(_Section):
     def _namespace(self):
         if self.ray.namespace is None:
             self.ray.namespace = f"vpref-{self.run.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _zoo_paths(self):
+        for m in self.zoo:  # null: the checkpoint `vpref sft` writes for this member
+            if m.path is None:
+                m.path = str(Path(self.sft.out) / m.name)
         return self
 
     @property
@@ -603,9 +620,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     if overrides:
         if _valid(data):
             explicit_ns = (data.get("ray") or {}).get("namespace")
+            derived = [i for i, m in enumerate(data.get("zoo") or []) if isinstance(m, dict) and m.get("path") is None]
+            if "zoo" not in data:
+                derived = list(range(len(_demo_zoo())))
             data = Config.model_validate(data).model_dump(mode="json")
             if explicit_ns is None:  # derived from run.name: derive it again after `--set run.name=...`
                 data["ray"]["namespace"] = None
+            for i in derived:  # derived from sft.out: derive them again after `--set sft.out=...`
+                data["zoo"][i]["path"] = None
         for o in overrides:
             key, value = parse_override(o)
             try:

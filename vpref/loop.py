@@ -33,28 +33,120 @@ from vpref.data.manifest import Sample, append_rejects, load_manifest
 from vpref.eval.evaluator import Evaluator, evaluate_round, suite_runner
 from vpref.eval.report import table, write_report
 from vpref.eval.tables import round_summary, suite_tables
+from vpref.errors import FolderConflict, InputError
+from vpref.folders import FolderLock, checkpoint_identity, digest, file_digest
+from vpref.health import ensure_placeable
 from vpref.train.dpo import reference_logps, train_dpo
 from vpref.train.expo import extrapolate, mix
 from vpref.utils import log
 
+# The config keys (dotted prefixes) whose values a stage's results depend on.  A key no stage
+# claims counts for every stage (a new key is assumed to matter); OPERATIONAL keys count for none.
+STAGE_KEYS = {
+    "eval": ("data", "eval", "judge", "zoo", "run.seed"),
+    "data": ("data", "zoo", "judge", "pairs", "build", "loop.questions_per_round", "run.seed"),
+    "reference": ("data", "zoo", "loop.reference", "loop.mix_alpha"),
+    "dpo": ("data", "dpo", "run.seed"),
+    "expo": ("data", "eval", "judge", "loop.alpha", "loop.alpha_grid", "loop.alpha_dev_samples"),
+}
+OPERATIONAL = ("ray", "run.name", "run.out_dir", "loop.rounds", "synth", "sft", "judge.pool", "judge.api_concurrency",
+               "judge.api_timeout_s", "judge.api_retries", "data.decoders", "data.decode_timeout_s",
+               "build.queue_size", "build.out", "build.stall_timeout_s", "build.max_attempts",
+               "build.max_judge_failure_rate", "build.max_generation_failure_rate", "zoo.*.replicas",
+               "zoo.*.resources", "dpo.max_failures", "dpo.checkpoint_every", "dpo.ref_batch_size", "eval.batch_size")
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, val in node.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    if isinstance(node, list) and node and all(isinstance(x, dict) for x in node):
+        return {k: v for i, val in enumerate(node) for k, v in _flat(val, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: node}
+
+
+def _under(key: str, prefixes) -> bool:
+    import fnmatch
+
+    return any(key == p or key.startswith(p + ".") or fnmatch.fnmatch(key, p) or fnmatch.fnmatch(key, p + ".*")
+               for p in prefixes)
+
+
+def stage_keys(flat: dict, stage: str) -> dict:
+    """The part of a (flattened) config that a stage's results depend on."""
+    claimed = [p for ps in STAGE_KEYS.values() for p in ps]
+    return {k: v for k, v in flat.items() if not _under(k, OPERATIONAL)
+            and (_under(k, STAGE_KEYS.get(stage, ())) or not _under(k, claimed))}
+
+
+def world_identity(cfg: Config) -> dict:
+    """What the data is, beyond its paths: the manifests' contents and the synthetic world's spec."""
+    return {"manifests": {s: file_digest(getattr(cfg.data, s)) for s in ("train", "dev", "test")},
+            "synth": file_digest(Path(cfg.data.root) / "synth.json")}
+
 
 class RunState:
-    """state.json: what each round has finished, and its results."""
+    """state.json: what each round has finished, its results, and the digest of the inputs of
+    every finished stage (config keys it depends on, the data, the zoo's checkpoints), so a
+    resume with other inputs is refused instead of mixed in."""
 
     def __init__(self, run_dir: Path, cfg: Config):
         self.dir = run_dir
         self.path = run_dir / "state.json"
         self.data = json.loads(self.path.read_text()) if self.path.is_file() else {"rounds": {}}
-        digest = hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:12]
-        if self.data.get("config") not in (None, digest):
-            log(f"warning: {self.path} was written with another config; finished stages are kept as they are")
-        self.data["config"] = digest
+        self.flat = _flat(cfg.model_dump(mode="json"))
+        self.extra = {"world": world_identity(cfg), "checkpoints": {m.name: checkpoint_identity(m.path) for m in cfg.zoo}}
+        self.config_digest = digest(self.flat)
+        self.data.setdefault("inputs", {})  # "<t>:<stage>" -> {"digest", "config"}
+        self.data.setdefault("configs", {})  # config digest -> flattened config (for the message on a change)
+        self.data["config"] = hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:12]
+
+    def inputs_digest(self, stage: str) -> str:
+        return digest([stage_keys(self.flat, stage), self.extra])
+
+    def check_resume(self) -> None:
+        """FolderConflict naming what changed when a finished stage's inputs differ from this config's."""
+        changes, legacy = [], []
+        for t, stages in sorted(self.data["rounds"].items(), key=lambda kv: int(kv[0])):
+            for stage in stages:
+                if stage not in STAGE_KEYS:
+                    continue
+                rec = self.data["inputs"].get(f"{t}:{stage}")
+                if rec is None:
+                    legacy.append(f"{t}:{stage}")
+                elif rec["digest"] != self.inputs_digest(stage):
+                    changes.append(f"round {t} {stage}: {self._diff(stage, rec)}")
+        if legacy:
+            log(f"warning: {self.path}: stages {', '.join(legacy)} were finished before vpref recorded their inputs; "
+                f"they are kept as they are")
+        if changes:
+            raise FolderConflict(
+                f"{self.dir} (run.out_dir) holds finished stages made from other inputs; resuming would mix them with "
+                f"this config's:\n  " + "\n  ".join(changes[:8]) + ("\n  ..." if len(changes) > 8 else "") +
+                f"\n  Use another run.out_dir for these settings, or put them back ({self.dir / 'config.yaml'} holds "
+                f"the settings of the finished stages)")
+
+    def _diff(self, stage: str, rec: dict) -> str:
+        old = self.data["configs"].get(rec.get("config"), {})
+        now, was = stage_keys(self.flat, stage), stage_keys(old, stage) if old else {}
+        keys = [k for k in sorted(set(now) | set(was)) if now.get(k) != was.get(k)] if old else []
+        out = [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in keys[:4]]
+        old_extra = rec.get("extra") or {}
+        if old_extra.get("world") not in (None, self.extra["world"]):
+            out.append("the data changed (manifest contents or the synthetic world)")
+        changed = [m for m, c in (old_extra.get("checkpoints") or {}).items() if self.extra["checkpoints"].get(m) != c]
+        if changed:
+            out.append(f"zoo checkpoints changed: {', '.join(changed)}")
+        return "; ".join(out) or "its config digest changed"
 
     def get(self, t: int, stage: str):
         return self.data["rounds"].get(str(t), {}).get(stage)
 
     def put(self, t: int, stage: str, result) -> None:
         self.data["rounds"].setdefault(str(t), {})[stage] = result
+        if stage in STAGE_KEYS:
+            self.data["configs"].setdefault(self.config_digest, self.flat)
+            self.data["inputs"][f"{t}:{stage}"] = {"digest": self.inputs_digest(stage), "config": self.config_digest,
+                                                   "extra": self.extra}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=2, default=str))
         os.replace(tmp, self.path)
@@ -88,28 +180,50 @@ def _split(cfg: Config, name: str, rejects: Path) -> list[Sample]:
     return m.samples
 
 
+def require_questions(cfg: Config, split: str, usable: list, rejects: Path) -> None:
+    """A split with no usable question stops the command here, not with a crash later."""
+    if usable:
+        return
+    path = getattr(cfg.data, split)
+    rows = load_manifest(path, cfg.data.root).counts()["rows"]
+    raise InputError(f"the {split} split ({path}, data.{split}) has no usable questions: all {rows} were rejected "
+                     f"(bad rows, or videos that do not decode); the reasons are in {rejects}. Fix those rows or "
+                     f"videos, or point data.{split} at another manifest")
+
+
 def run(cfg: Config) -> dict:
-    """Run (or resume) the Iter-W2S-RLAIF rounds of `cfg`; returns the metrics."""
+    """Run (or resume) the Iter-W2S-RLAIF rounds of `cfg`; returns the metrics.  The run folder
+    is locked while it runs; a folder whose finished stages came from other inputs is refused."""
+    from vpref import preflight
+
+    preflight.require(cfg, "run")
     run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    with FolderLock(run_dir, "run", key="run.out_dir"):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: Config, run_dir: Path) -> dict:
     state = RunState(run_dir, cfg)
+    state.check_resume()  # before config.yaml is written: it keeps the settings of the finished stages
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     policy_member = cfg.policy_member
-    if policy_member is None:
-        raise ValueError("the zoo has no policy member (set policy: true on the model being trained)")
     init_ray(cfg.ray)
     rejects = run_dir / "rejects.jsonl"
     train = _split(cfg, "train", rejects)[: cfg.build.max_samples]
+    require_questions(cfg, "train", train, rejects)
     engine = DataEngine(cfg, run_dir / "actors")
-    engine.wait_ready()
     runner = None
     try:
+        engine.wait_ready()
         runner = suite_runner(cfg, run_dir, rejects)
         test = Evaluator(engine, cfg, _split(cfg, cfg.eval.split, rejects), rejects,
                          extra_videos=runner.videos if runner else ())
+        require_questions(cfg, cfg.eval.split, test.samples, rejects)
         if runner:
             runner.drop_videos(test.failed_videos, rejects)
         dev = Evaluator(engine, cfg, _split(cfg, "dev", rejects), rejects) if cfg.loop.alpha_grid else None
+        if dev is not None:
+            require_questions(cfg, "dev", dev.samples, rejects)
         theta = [str(Path(policy_member.path).resolve())]  # theta_0 = the SFT policy
         refs = [theta[0]]
 
@@ -151,6 +265,10 @@ def run(cfg: Config) -> dict:
             state.stage(t, "reference", reference)
 
             def dpo():
+                d = cfg.dpo  # a Train job the cluster cannot place would wait forever: wait a bounded time
+                ensure_placeable([{"CPU": d.cpus_per_worker, "GPU": d.gpus_per_worker if d.use_gpu else 0}] * d.num_workers,
+                                 cfg.ray.placement_timeout_s, f"DPO training ({d.num_workers} Ray Train workers)",
+                                 "Lower dpo.num_workers or dpo.cpus_per_worker, or add nodes", cfg)
                 slept = engine.sleep(level=1)  # sleep-enabled vLLM generators lend their GPUs to training
                 try:
                     r = train_dpo(cfg.dpo, cfg.data, prev, rdir / "train" / "pairs_ref.parquet", rdir / "train",

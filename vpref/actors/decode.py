@@ -12,22 +12,45 @@ import itertools
 
 import ray
 
-from vpref.data.video import Clip, decode_video
+from vpref.data.video import Clip, VideoDecodeError, decode_video
+
+CRASH = "decoder process crashed"  # the cause vpref.data.video gives when its decode child dies mid-decode
+CRASH_RETRIES = 2  # a crash is retried in a fresh child; a file that crashes it every time is then rejected
+DECODER_CPUS = 0.25  # each decoder actor's CPU request
 
 
 class VideoDecoder:
     def __init__(self, num_frames: int, size, timeout_s: float):
         self.num_frames, self.size, self.timeout_s = num_frames, size, timeout_s
         self.decodes = 0
+        self.crashes = 0
         self.by_video: dict[str, int] = {}
 
     def decode(self, path: str) -> Clip:
+        """The clip, or VideoDecodeError naming the file and the cause.  A decode child that died
+        (killed, out of memory, a segfault in the decoder library) is no verdict on the file: the
+        decode is retried in a fresh child, and only a file that kills it every time is rejected."""
         self.decodes += 1  # counted where it happens: a retried call counts again
         self.by_video[path] = self.by_video.get(path, 0) + 1
-        return decode_video(path, self.num_frames, self.size, timeout_s=self.timeout_s)  # VideoDecodeError names file and cause
+        for attempt in range(1 + CRASH_RETRIES):
+            try:
+                return decode_video(path, self.num_frames, self.size, timeout_s=self.timeout_s)
+            except VideoDecodeError as e:
+                if not e.cause.startswith(CRASH):
+                    raise
+                self.crashes += 1
+                print(f"decoder: the decode child crashed on {path} (attempt {attempt + 1}); retrying", flush=True)
+        raise VideoDecodeError(path, f"{CRASH} on each of {1 + CRASH_RETRIES} attempts (the file crashes the decoder)")
+
+    def child_pid(self) -> int | None:
+        """The pid of this actor's decode child process (None before the first decode)."""
+        from vpref.data import video
+
+        proc = video._worker._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     def counts(self) -> dict:
-        return {"decodes": self.decodes, "by_video": self.by_video}
+        return {"decodes": self.decodes, "by_video": self.by_video, "crashes": self.crashes}
 
 
 RemoteDecoder = ray.remote(VideoDecoder)
@@ -37,7 +60,7 @@ class DecoderPool:
     """A few decoder actors; `submit` returns the ObjectRef of a Clip."""
 
     def __init__(self, data, n: int = 2, namespace: str | None = None):
-        self.actors = [RemoteDecoder.options(name=f"decoder-{i}", namespace=namespace, num_cpus=0.25,
+        self.actors = [RemoteDecoder.options(name=f"decoder-{i}", namespace=namespace, num_cpus=DECODER_CPUS,
                                              max_restarts=-1, max_task_retries=-1)
                        .remote(data.num_frames, data.frame_size, data.decode_timeout_s) for i in range(n)]
         self._next = itertools.cycle(self.actors)

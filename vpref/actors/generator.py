@@ -112,16 +112,48 @@ class GeneratorActor:
         reqs = [GenRequest(c.frames, c.sampled_fps, q) for c, q in zip(clips, questions)]
         return self.backend.generate(reqs, s, seed)
 
+    def context_errors(self, requests: list[GenRequest]) -> list[str | None]:
+        """Why each request cannot be answered by this model (its prompt does not fit the context),
+        or None.  A prompt past the context never gives an answer: on CPU a 200,000-character
+        question made the process allocate 23 GB and die; vLLM refuses the whole batch."""
+        vlm = getattr(self.backend, "vlm", None)
+        if vlm is None:
+            return [None] * len(requests)  # other backends refuse such prompts themselves (the batch is then split)
+        text_cfg = vlm.model.config.get_text_config()
+        limit = getattr(text_cfg, "max_position_embeddings", None)
+        if not limit:
+            return [None] * len(requests)
+        new = self.member.sampling.max_new_tokens
+        out = []
+        for r in requests:
+            n = len(vlm.prompt_ids(r.question, r.frames.shape))
+            out.append(None if n + new <= limit else
+                       f"prompt of {n:,} tokens + {new} new tokens exceeds the model's context of {limit:,} tokens "
+                       f"(question of {len(r.question):,} characters)")
+        return out
+
     def generate_batch(self, batch: WorkBatch, queue, writer) -> dict:
-        """Data-engine work: generate every sample of the batch, persist, enqueue for judging."""
+        """Data-engine work: generate every sample of the batch, persist, enqueue for judging.  A
+        question this model cannot answer (see `context_errors`) gets an error record; the rest go on."""
         t0 = time.perf_counter()
         self.batches += 1
         s = self.member.sampling
         clips = ray.get([it.clip for it in batch.items])
-        outs = self.backend.generate([GenRequest(c.frames, c.sampled_fps, it.question)
-                                      for c, it in zip(clips, batch.items)], s, batch.seed)
+        reqs = [GenRequest(c.frames, c.sampled_fps, it.question) for c, it in zip(clips, batch.items)]
+        errors = self.context_errors(reqs)
+        good = [i for i, e in enumerate(errors) if e is None]
+        gen = self.backend.generate([reqs[i] for i in good], s, batch.seed) if good else []
+        outs = [None] * len(reqs)
+        for i, comps in zip(good, gen):
+            outs[i] = comps
         responses, items = [], []
-        for it, comps in zip(batch.items, outs):
+        for it, comps, err in zip(batch.items, outs, errors):
+            if err is not None:
+                responses += [Response(
+                    response_id(batch.round, it.sample_id, self.member.name, k), it.sample_id, batch.round,
+                    self.member.name, self.member.path, self.member.policy, self.version, k, "", 0, "error",
+                    s.temperature, s.top_p, batch.seed, error=err, generator=self.name) for k in range(s.n)]
+                continue
             for k, c in enumerate(comps):
                 r = Response(
                     response_id=response_id(batch.round, it.sample_id, self.member.name, k),

@@ -48,21 +48,33 @@ def failed_items(judge, items: list[dict], error: str) -> tuple[list[Judgment], 
     return js, vs
 
 
+def _why(e: Exception) -> str:
+    return f"judge error: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+
+
 def judge_items(judge, items: list[dict]) -> tuple[list[Judgment], list[Verdict]]:
-    """Score response items (grouped by question) and compare pair items."""
+    """Score response items (grouped by question) and compare pair items.  Never raises for what a
+    judge raises: the question (or pair) it was scoring gets failure records naming the cause, and
+    the other items of the batch are scored as usual."""
     by_sample: dict[str, list[dict]] = defaultdict(list)
     verdicts = []
     for it in items:
         if it["kind"] == "pair":
-            v = judge.compare(sample_view(it), ResponseView(it["first_id"], it["first_text"]),
-                              ResponseView(it["second_id"], it["second_text"]))
-            v.verdict_id = it["verdict_id"]
-            verdicts.append(v)
+            try:
+                v = judge.compare(sample_view(it), ResponseView(it["first_id"], it["first_text"]),
+                                  ResponseView(it["second_id"], it["second_text"]))
+                v.verdict_id = it["verdict_id"]
+                verdicts.append(v)
+            except Exception as e:
+                verdicts += failed_items(judge, [it], _why(e))[1]
         else:
             by_sample[it["sample_id"]].append(it)
     judgments = []
     for group in by_sample.values():
-        judgments += judge.score(sample_view(group[0]), [ResponseView(i["response_id"], i["text"]) for i in group])
+        try:
+            judgments += judge.score(sample_view(group[0]), [ResponseView(i["response_id"], i["text"]) for i in group])
+        except Exception as e:
+            judgments += failed_items(judge, group, _why(e))[0]
     return judgments, verdicts
 
 
@@ -82,6 +94,9 @@ class JudgeActor:
         self.idle_since = time.monotonic()
         self.judged = 0
         self.failures = 0
+        self.loop_errors = 0  # pull-loop iterations that failed (queue or writer calls), and in a row
+        self.errors_in_a_row = 0
+        self.last_error: str | None = None
 
     def __repr__(self):
         return self.name
@@ -93,13 +108,15 @@ class JudgeActor:
         with self._lock:
             return {"name": self.name, "busy": self.busy, "judged": self.judged, "parse_failures": self.failures,
                     "idle_s": 0.0 if self.busy else time.monotonic() - self.idle_since, "pid": os.getpid(),
-                    "node_id": ray.get_runtime_context().get_node_id()}
+                    "node_id": ray.get_runtime_context().get_node_id(), "loop_errors": self.loop_errors,
+                    "errors_in_a_row": self.errors_in_a_row, "last_error": self.last_error}
 
     def stop(self) -> None:
         self._stop.set()
 
     def score_items(self, items: list[dict]) -> list[Judgment]:
-        """Direct scoring, outside the pull loop (evaluation, ExPO's alpha search)."""
+        """Direct scoring, outside the pull loop (evaluation, ExPO's alpha search); a judge that
+        fails gives failure records, never an exception."""
         return judge_items(self.judge, items)[0]
 
     def _take(self, queue, pair_queue, batch_size: int, poll_s: float) -> list[dict]:
@@ -111,33 +128,64 @@ class JudgeActor:
         return items
 
     def run(self, queue, pair_queue, writer, batch_size: int, poll_s: float = 0.1) -> int:
-        """Pull -> judge -> write until `stop` is called.  Returns how many items it judged."""
+        """Pull -> judge -> write until `stop` is called.  Returns how many items it judged.
+
+        Nothing that goes wrong in one iteration ends the loop: the judge's own errors become
+        failure records (`judge_items`); a queue or writer call that raises is counted in `stats`
+        (the driver stops the build when every judge keeps failing), the batch in hand goes back
+        on its queue, and the loop carries on after a short pause."""
         self._stop.clear()
         n = 0
         while not self._stop.is_set():
-            items = self._take(queue, pair_queue, batch_size, poll_s)
-            if not items:
-                continue
-            with self._lock:
-                self.busy = True
-            t0 = time.perf_counter()
+            items = []
             try:
-                judgments, verdicts = judge_items(self.judge, items)
-            except Exception as e:  # never lose a batch: each item gets a failure record naming the cause
-                judgments, verdicts = failed_items(self.judge, items, f"judge error: {type(e).__name__}: {e}")
-            if judgments:
-                ray.get(writer.add_judgments.remote(judgments))
-            if verdicts:
-                ray.get(writer.add_verdicts.remote(verdicts))
-            failures = sum(not j.ok for j in judgments) + sum(not v.ok for v in verdicts)
-            tags = {"judge": self.name}
-            self.metrics["judgments"].inc(len(judgments) + len(verdicts), tags=tags)
-            if failures:
-                self.metrics["parse_failures"].inc(failures, tags=tags)
-            self.metrics["latency"].observe(time.perf_counter() - t0, tags=tags)
-            n += len(items)
-            with self._lock:
-                self.busy, self.idle_since = False, time.monotonic()
-                self.judged += len(items)
-                self.failures += failures
+                items = self._take(queue, pair_queue, batch_size, poll_s)
+                if items:
+                    n += self._judge_batch(items, writer)
+                    with self._lock:
+                        self.errors_in_a_row = 0
+            except Exception as e:
+                self._loop_error(e, items, queue, pair_queue)
         return n
+
+    def _loop_error(self, e: Exception, items: list[dict], queue, pair_queue) -> None:
+        msg = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}"
+        if hasattr(e, "cause") and e.cause is not None:  # a RayTaskError: name the remote error itself
+            msg = f"{type(e.cause).__name__}: {str(e.cause).strip().splitlines()[-1][:300]}"
+        with self._lock:
+            self.busy, self.idle_since = False, time.monotonic()
+            self.loop_errors += 1
+            self.errors_in_a_row += 1
+            self.last_error = msg
+            pause = min(5.0, 0.2 * 2 ** (self.errors_in_a_row - 1))
+        if self.errors_in_a_row == 1:
+            print(f"{self.name}: pull loop error (carrying on): {msg}", flush=True)
+        try:  # give the batch back, so it is not waited for until the driver finds it missing
+            for q, kind in ((queue, "response"), (pair_queue, "pair")):
+                back = [i for i in items if i["kind"] == kind]
+                if back and q is not None:
+                    q.put_batch(back, timeout=1.0)
+        except Exception:
+            pass  # the driver re-enqueues what the writer never got
+        self._stop.wait(pause)
+
+    def _judge_batch(self, items: list[dict], writer) -> int:
+        with self._lock:
+            self.busy = True
+        t0 = time.perf_counter()
+        judgments, verdicts = judge_items(self.judge, items)
+        if judgments:
+            ray.get(writer.add_judgments.remote(judgments))
+        if verdicts:
+            ray.get(writer.add_verdicts.remote(verdicts))
+        failures = sum(not j.ok for j in judgments) + sum(not v.ok for v in verdicts)
+        tags = {"judge": self.name}
+        self.metrics["judgments"].inc(len(judgments) + len(verdicts), tags=tags)
+        if failures:
+            self.metrics["parse_failures"].inc(failures, tags=tags)
+        self.metrics["latency"].observe(time.perf_counter() - t0, tags=tags)
+        with self._lock:
+            self.busy, self.idle_since = False, time.monotonic()
+            self.judged += len(items)
+            self.failures += failures
+        return len(items)

@@ -20,11 +20,13 @@ from pathlib import Path
 
 from vpref.actors.judge import pair_item, response_item
 from vpref.config import PairsConfig
-from vpref.data.schema import Judgment, Pair, Response, Verdict, compact, pair_id, read_records, write_shard
+from vpref.data.schema import (KEYS, Judgment, Pair, Response, Verdict, compact, pair_id, read_records, read_table,
+                               remove, write_shard)
 from vpref.judges.pairs import Candidate, make_pairs
 
 
 PLAN = "plan.json"
+RETRIED = "retried"  # failure records a re-run tried again, and the pairs their retry superseded (kept, never deleted)
 
 
 def write_plan(out_dir: str | Path, plan: dict) -> None:
@@ -95,7 +97,9 @@ class PairWriter:
     # ------------------------------------------------------------------ intake
 
     def add_responses(self, responses: list[Response]) -> int:
-        new = [r for r in responses if r.response_id not in self.responses and r.sample_id not in self.dropped]
+        # (a batch of an aborted earlier build may still arrive: only this build's own ids are kept)
+        new = [r for r in responses if r.response_id not in self.responses and r.sample_id not in self.dropped
+               and r.sample_id in self.expected]
         self.counts["duplicate_responses"] += len(responses) - len(new)
         write_shard(self.out, "responses", new)
         for r in new:
@@ -119,6 +123,41 @@ class PairWriter:
             self.verdicts[v.verdict_id] = v
         self._finish_samples({v.sample_id for v in new})
         return len(new)
+
+    def retry_failures(self, max_attempts: int) -> dict:
+        """Give failed items another try (a re-run of the build): failure records with tries left
+        move to `retried/<table>/`, and the questions they belong to reopen -- their pairs move
+        there too and are formed again once the new results are in.  Tries are counted across
+        re-runs from that history; what succeeded is never touched."""
+        hist = self.out / RETRIED
+        tried = Counter()
+        for table in ("responses", "judgments", "verdicts"):
+            tried.update(read_table(hist, table).column(KEYS[table]).to_pylist())
+        fails = {"responses": [r for r in self.responses.values() if r.error and r.sample_id not in self.dropped],
+                 "judgments": [j for j in self.judgments.values() if not j.ok],
+                 "verdicts": [v for v in self.verdicts.values() if not v.ok]}
+        again = {t: [r for r in recs if tried[getattr(r, KEYS[t])] + 1 < max_attempts] for t, recs in fails.items()}
+        reopened = {r.sample_id for recs in again.values() for r in recs}
+        again["pairs"] = [p for p in self.pairs.values() if p.sample_id in reopened]
+        for table, recs in again.items():
+            if recs:
+                write_shard(hist, table, recs)  # the history first: a crash in between only repeats a retry
+                remove(self.out, table, {getattr(r, KEYS[table]) for r in recs})
+        for r in again["responses"]:
+            del self.responses[r.response_id]
+        for j in again["judgments"]:
+            del self.judgments[j.response_id]
+        for v in again["verdicts"]:
+            del self.verdicts[v.verdict_id]
+        for p in again["pairs"]:
+            del self.pairs[p.pair_id]
+        self.finished -= reopened
+        self.requested -= {v.verdict_id for v in again["verdicts"]}
+        out = {t: len(again[t]) for t in ("responses", "judgments", "verdicts")}
+        out["exhausted"] = sum(len(fails[t]) - len(again[t]) for t in fails)  # failed max_attempts times: kept as is
+        out["response_ids"] = [r.response_id for r in again["responses"]]
+        self.counts.update({f"retried_{t}": n for t, n in out.items() if t in fails})
+        return out
 
     def drop_samples(self, reasons: dict[str, str]) -> None:
         """Questions that cannot be answered (their video did not decode): never wait for them."""
@@ -223,6 +262,31 @@ class PairWriter:
             **self.counts,
         }
 
+    def failure_summary(self, examples: int = 3) -> dict:
+        """Per zoo member: expected, answered, failed, and a few distinct errors; the same for the
+        judge.  What a failure-budget message shows."""
+        members: dict[str, dict] = {}
+        for sid, rids in self.expected.items():
+            if sid in self.dropped:
+                continue
+            for rid in rids:
+                m = members.setdefault(rid.rsplit(":", 2)[1], {"expected": 0, "ok": 0, "failed": 0, "errors": []})
+                m["expected"] += 1
+                r = self.responses.get(rid)
+                if r is None:
+                    continue
+                if r.error:
+                    m["failed"] += 1
+                    if r.error not in m["errors"] and len(m["errors"]) < examples:
+                        m["errors"].append(r.error)
+                else:
+                    m["ok"] += 1
+        judge_errors = []
+        for j in list(self.judgments.values()) + list(self.verdicts.values()):
+            if not j.ok and j.error and j.error not in judge_errors and len(judge_errors) < examples:
+                judge_errors.append(j.error)
+        return {"members": members, "judge": self.judge, "judge_errors": judge_errors}
+
     def missing(self) -> list[dict]:
         """Recover work whose result never came back (a lost queue item, a judge that died with a
         batch): returns the response items to judge again, and puts pair jobs whose verdict is
@@ -246,25 +310,48 @@ class PairWriter:
 
 def repair(src: str | Path, dst: str | Path, pairs_cfg: dict) -> dict:
     """Pair a finished build's saved judgments again with another strategy -- no generation, no
-    judging.  The same pairing code path as a live build (a PairWriter run in this process)."""
-    import shutil
+    judging.  The same pairing code path as a live build (a PairWriter run in this process).
+    `dst` must be a new or empty folder: nothing of another build (or of `src`) is replaced."""
+    from vpref.errors import FolderConflict, InputError
+    from vpref.folders import BUILD_FILES, FolderLock
 
     src, dst = Path(src), Path(dst)
     if not (src / PLAN).is_file():
-        raise FileNotFoundError(f"{src} is not a vpref build folder (no {PLAN})")
-    dst.mkdir(parents=True, exist_ok=True)
+        raise InputError(f"{src} is not a vpref build folder (no {PLAN}): `vpref build-data` writes one in build.out, "
+                         f"and each round of `vpref run` one in run.out_dir/round_<t>/data")
+    s, d = src.resolve(), dst.resolve()
+    if d == s or d.is_relative_to(s) or s.is_relative_to(d):
+        raise FolderConflict(f"--out {dst} {'is' if d == s else 'overlaps'} the build it re-pairs ({src}); re-pairing "
+                             f"writes responses/, judgments/ and pairs/ of its own, which would replace that build's: "
+                             f"choose a new folder for --out")
+    def refuse_taken() -> None:
+        taken = [n for n in BUILD_FILES if (dst / n).exists()]
+        if taken:
+            raise FolderConflict(f"--out {dst} already holds {', '.join(taken)} (another build, or an earlier "
+                                 f"`vpref pairs`); vpref replaces no data it did not write in this command: choose a "
+                                 f"new or empty folder for --out")
+
+    refuse_taken()  # before the lock too: a refused folder gets no lock file
+    with FolderLock(dst, "pairs", "--out"):
+        refuse_taken()
+        return _repair_into(src, dst, pairs_cfg)
+
+
+def _repair_into(src: Path, dst: Path, pairs_cfg: dict) -> dict:
+    import shutil
+
     for table in ("responses", "judgments"):
-        if (dst / table).exists():
-            shutil.rmtree(dst / table)
-        shutil.copytree(src / table, dst / table)
-    if (dst / "pairs").exists():
-        shutil.rmtree(dst / "pairs")
+        if (src / table).is_dir():
+            shutil.copytree(src / table, dst / table)
     plan = json.loads((src / PLAN).read_text())
     plan["pairwise"] = False  # new candidates would need new verdicts, i.e. a judge
     write_plan(dst, plan)
     if (src / "build.json").is_file():
         build = json.loads((src / "build.json").read_text())
+        from vpref.folders import digest
+
         build["pairs"] = PairsConfig.model_validate(pairs_cfg).model_dump()
+        build.setdefault("inputs", {})["pairs"] = digest(build["pairs"])
         build["repaired_from"] = str(src)
         (dst / "build.json").write_text(json.dumps(build, indent=2))
     return PairWriter(str(dst), pairs_cfg).finalize()

@@ -67,14 +67,19 @@ class Manifest:
 
 
 def append_rejects(path: str | Path, rejects: Iterable[Reject]) -> int:
-    """Append rejects to a JSONL file; returns how many were written."""
+    """Append rejects to a JSONL file, each once (a re-run finds the same rows bad again and does
+    not repeat them); returns how many are in the file now from this call."""
     rejects = list(rejects)
     if rejects:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        seen = set(path.read_text(errors="replace").splitlines()) if path.is_file() else set()
         with open(path, "a") as f:
             for r in rejects:
-                f.write(r.to_json() + "\n")
+                line = r.to_json()
+                if line not in seen:
+                    seen.add(line)
+                    f.write(line + "\n")
     return len(rejects)
 
 
@@ -85,8 +90,14 @@ def _read_rows(path: Path) -> list[tuple[int, Any]]:
 
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes: one line that is not UTF-8 rejects that line, not the file
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((n, f"line {n} is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"re-save the manifest as UTF-8"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -119,9 +130,14 @@ def _validate(raw: Any, manifest_dir: Path, root: Path) -> tuple[Sample | None, 
             return None, "field 'meta' is a string that is not valid JSON"
     if not isinstance(meta, dict):
         return None, f"field 'meta' must be an object, got {type(meta).__name__}"
-    video = (manifest_dir / raw["video"]).resolve()
+    try:
+        video = (manifest_dir / raw["video"]).resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13, OSError after)
+        return None, f"video path {raw['video']!r} cannot be resolved: {'symlink loop' if 'loop' in str(e).lower() else e}"
     if not video.is_relative_to(root):
         return None, f"video path {raw['video']!r} escapes the data root {root}"
+    if video.is_dir():
+        return None, f"video path {raw['video']!r} is a directory, not a video file"
     if not video.is_file():
         return None, f"video file not found: {video}"
     return (
@@ -141,7 +157,8 @@ def load_manifest(path: str | Path, data_root: str | Path | None = None) -> Mani
     """Load and validate a manifest.  `data_root` defaults to the manifest's folder."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise FileNotFoundError(f"manifest not found: {path} (`vpref synth --out DIR` writes the synthetic world's "
+                                f"train/dev/test manifests; for your own data point data.train/dev/test at yours)")
     if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"manifest {path} must be .jsonl or .parquet, got '{path.suffix}'")
     manifest_dir = path.parent.resolve()

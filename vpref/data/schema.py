@@ -305,6 +305,25 @@ def compact(folder: str | Path, table: str) -> int:
     return 1
 
 
+def remove(folder: str | Path, table: str, keys: set[str]) -> int:
+    """Rewrite a table without the rows whose key is in `keys` (as `compact` does: the new file
+    first, then the old shards go; a crash in between leaves rows that readers dedupe)."""
+    path = Path(folder) / table
+    files = sorted(path.glob("part-*.parquet")) if path.is_dir() else []
+    if not files or not keys:
+        return 0
+    t = read_table(folder, table)
+    mask = pa.array([k not in keys for k in t.column(KEYS[table]).to_pylist()])
+    kept = t.filter(mask)
+    if kept.num_rows:
+        tmp = path / ".part-remove.tmp"
+        pq.write_table(kept, tmp)
+        os.replace(tmp, path / f"part-{uuid.uuid4().hex[:12]}.parquet")
+    for f in files:
+        f.unlink()
+    return t.num_rows - kept.num_rows
+
+
 def schema_doc() -> str:
     """Markdown description of the tables (written into each dataset card)."""
     lines = []

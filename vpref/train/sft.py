@@ -100,8 +100,51 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
     return vlm
 
 
+PROVENANCE = "vpref_sft.json"  # in each checkpoint folder: what it was trained from
+
+
+def provenance(cfg: Config, member: SFTMember) -> dict:
+    """What an SFT checkpoint is made from: the training data (the train manifest's contents and the
+    synthetic world's spec), the decoding, the SFT settings, this member's own and those of the
+    member it starts from."""
+    from vpref.folders import file_digest
+
+    by_name = {m.name: m for m in cfg.sft.members}
+    return {"world": {"train": file_digest(cfg.data.train), "synth": file_digest(Path(cfg.data.root) / "synth.json")},
+            "decode": {"num_frames": cfg.data.num_frames, "frame_size": cfg.data.frame_size},
+            "sft": cfg.sft.model_dump(mode="json", exclude={"out", "members", "eval_max_new_tokens"}),
+            "member": member.model_dump(mode="json"),
+            "init_from": provenance(cfg, by_name[member.init_from]) if member.init_from in by_name else None}
+
+
+def checkpoint_mismatches(cfg: Config) -> dict[str, str]:
+    """Members whose checkpoint under sft.out is missing ("missing") or was not trained from this
+    config and data (why); empty when every checkpoint matches."""
+    out = {}
+    for m in cfg.sft.members:
+        folder = Path(cfg.sft.out) / m.name
+        prov = folder / PROVENANCE
+        if not (folder / "model.safetensors").is_file():
+            out[m.name] = "missing"
+        elif not prov.is_file():
+            out[m.name] = f"{folder} has no {PROVENANCE} (trained before vpref recorded what checkpoints are made from)"
+        else:
+            old, now = json.loads(prov.read_text())["inputs"], provenance(cfg, m)
+            diff = [k for k in now if old.get(k) != now[k]]
+            if diff:
+                out[m.name] = f"{folder} was trained from other {', '.join(diff)}"
+    return out
+
+
 def run_sft(cfg: Config) -> dict:
-    """Train every `sft.members` entry, save each under `sft.out/<name>`, report dev accuracy."""
+    """Train every `sft.members` entry, save each under `sft.out/<name>`, report dev accuracy.
+    A checkpoint already there that was trained from other inputs is not overwritten."""
+    from vpref.errors import FolderConflict
+
+    other = {m: why for m, why in checkpoint_mismatches(cfg).items() if why != "missing"}
+    if other:
+        raise FolderConflict(f"sft.out={cfg.sft.out} holds checkpoints of other inputs ({'; '.join(other.values())}); "
+                             f"vpref sft does not overwrite them: use another sft.out, or delete them first")
     out = Path(cfg.sft.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -116,7 +159,10 @@ def run_sft(cfg: Config) -> dict:
     if n_rej:
         log(f"{n_rej} rows set aside in {out / 'rejects.jsonl'}")
     if not train:
-        raise RuntimeError(f"no usable training rows in {cfg.data.train} (see {out / 'rejects.jsonl'})")
+        from vpref.errors import InputError
+
+        raise InputError(f"no usable training rows in {cfg.data.train} (data.train): all {len(train_m.samples) + len(train_m.rejects)} "
+                         f"were rejected, or their videos do not decode; the reasons are in {out / 'rejects.jsonl'}")
     tokenizer = None  # the tiny members' shared vocabulary (a pretrained text model brings its own)
     if any(m.text_model is None and not m.init_from for m in cfg.sft.members):
         corpus = world_corpus() + rubric_corpus() + [t for s in train for t in (s.question, s.answer or "")]
@@ -125,6 +171,7 @@ def run_sft(cfg: Config) -> dict:
     for member in cfg.sft.members:
         t1 = time.perf_counter()
         vlm = train_member(member, cfg, tokenizer, train, clips, out / member.name)
+        (out / member.name / PROVENANCE).write_text(json.dumps({"inputs": provenance(cfg, member)}, indent=2))
         train_s = time.perf_counter() - t1
         answers = [c.text for c in answer_all(vlm, dev, dev_clips, max_new_tokens=cfg.sft.eval_max_new_tokens)]
         acc = accuracy_by_family(dev, answers)
