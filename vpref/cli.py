@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from vpref.config import ConfigError, describe_keys, load_config
-from vpref.utils import quiet_libraries
+from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, terminal
 
 
 def _config(args):
     return load_config(args.config, args.set or [])
+
+
+def _run_folder_logs(args, run_dir) -> None:
+    """Ray's and Ray Train's own output goes to `<run_dir>/logs/` unless --verbose."""
+    from pathlib import Path
+
+    configure_output(log_dir=Path(run_dir) / "logs")
+    if not args.verbose:
+        keep_internal_logs(Path(run_dir) / "logs")
 
 
 def cmd_synth(args) -> int:
@@ -103,7 +111,9 @@ def cmd_pairs(args) -> int:
 def cmd_run(args) -> int:
     from vpref.loop import print_table, run
 
-    metrics = run(_config(args))
+    cfg = _config(args)
+    _run_folder_logs(args, cfg.run.out_dir)
+    metrics = run(cfg)
     print_table(metrics)
     return 0
 
@@ -154,6 +164,7 @@ def cmd_demo(args) -> int:
     if args.fresh:
         for d in (cfg.synth.out, cfg.sft.out, cfg.run.out_dir):
             shutil.rmtree(d, ignore_errors=True)
+    _run_folder_logs(args, cfg.run.out_dir)
     t0 = time.perf_counter()
     if not Path(cfg.data.train).is_file():
         s = cfg.synth
@@ -186,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp, optional=False):
         sp.add_argument("config", nargs="?" if optional else None, help="YAML config (see configs/)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. dpo.beta=0.2")
+        return verbose_flag(sp)
+
+    def verbose_flag(sp):
+        sp.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and Ray Train's own output (run/demo keep it in <run>/logs/)")
         return sp
 
     s = sub.add_parser("synth", help="write the synthetic video-QA world (mp4 clips + manifests)")
@@ -220,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="synth -> SFT -> 3 rounds -> eval on the embedded default (CPU, minutes)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
+    verbose_flag(s)
     s.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("config", help="inspect configs")
@@ -233,11 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
+    configure_output(verbose=getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"vpref: {e}", file=sys.stderr)
+        print(f"vpref: {e}", file=terminal())
         return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"vpref {args.command}: {e}", file=sys.stderr)
+        print(f"vpref {args.command}: {e}", file=terminal())
         return 2

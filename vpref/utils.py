@@ -1,22 +1,181 @@
-"""Small helpers shared across vpref."""
+"""Small helpers shared across vpref, and vpref's terminal policy.
+
+Two kinds of lines, both on stderr with seconds since start:
+
+* `log(msg)`: a result or an event worth keeping (a stage finished, a warning, a file written).
+* `progress(stage, msg)`: the current state of a running stage.  On a terminal it rewrites one
+  line per stage in place; elsewhere (Ray job logs, CI, pipes) it is printed at most every
+  `PROGRESS_EVERY_S` seconds per stage.  The last state of a stage is always printed once a
+  different line follows, so every stage leaves exactly one final line on a terminal.
+
+With `configure(log_dir=...)` every line, including throttled ones, is also appended to
+`<log_dir>/vpref.log`; `vpref run`/`demo` put that (and Ray's logs, `vpref.cluster`) in the run
+folder.  `configure(verbose=True)` (`--verbose`) lets Ray and Ray Train print to the terminal too.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 import time
+from pathlib import Path
 
 _T0 = time.perf_counter()
+PROGRESS_EVERY_S = 30.0
+
+
+class _Term:
+    def __init__(self):
+        self.verbose = False
+        self.log_dir: Path | None = None
+        self.file = None
+        self.live: str | None = None  # the stage whose transient line is on screen (terminal only)
+        self.pending: tuple[str, str] | None = None  # (stage, line) not printed yet (throttled)
+        self.last_print: dict[str, float] = {}
+        self.out = None  # the terminal, when stderr itself goes to a log file (keep_internal_logs)
+
+    @property
+    def stream(self):
+        return self.out if self.out is not None else sys.stderr
+
+    def tty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def to_file(self, line: str) -> None:
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+
+    def commit(self) -> None:
+        """End the transient line on screen / print the pending throttled line."""
+        if self.live is not None:
+            self.stream.write("\n")
+            self.live = None
+        if self.pending is not None:
+            stage, line = self.pending
+            self.pending = None
+            self.stream.write(line + "\n")
+            self.last_print[stage] = time.monotonic()
+        self.stream.flush()
+
+
+_term = _Term()
+
+
+def _stamp(msg: str) -> str:
+    return f"[vpref {time.perf_counter() - _T0:7.1f}s] {msg}"
 
 
 def log(msg: str) -> None:
-    """One progress line on stderr, with seconds since start (readable in CI logs and Ray job logs)."""
-    print(f"[vpref {time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+    """One permanent line on stderr, with seconds since start (readable in CI logs and Ray job logs)."""
+    line = _stamp(msg)
+    _term.to_file(line)
+    _term.commit()
+    print(line, file=_term.stream, flush=True)
+
+
+def progress(stage: str, msg: str) -> None:
+    """The current state of `stage` (e.g. "build", "sft policy"); see the module docstring."""
+    line = _stamp(msg)
+    _term.to_file(line)
+    if _term.tty():
+        if _term.live not in (None, stage) or _term.pending is not None:
+            _term.commit()
+        width = _width()
+        _term.stream.write("\r\x1b[K" + (line if len(line) <= width else line[: width - 1] + "…"))
+        _term.stream.flush()
+        _term.live = stage
+        return
+    if _term.pending is not None and _term.pending[0] != stage:
+        _term.commit()
+    now = time.monotonic()
+    if now - _term.last_print.get(stage, -1e9) >= PROGRESS_EVERY_S:
+        _term.pending = None
+        print(line, file=_term.stream, flush=True)
+        _term.last_print[stage] = now
+    else:
+        _term.pending = (stage, line)
+
+
+def _width() -> int:
+    try:
+        return os.get_terminal_size(_term.stream.fileno()).columns
+    except (OSError, AttributeError, ValueError):
+        return 120
+
+
+atexit.register(lambda: _term.commit())
+
+
+def configure(verbose: bool | None = None, log_dir: str | Path | None = None) -> None:
+    """The terminal policy of this process: `verbose` (Ray's own output too) and the folder of
+    `vpref.log` (every line vpref printed, none throttled)."""
+    if verbose is not None:
+        _term.verbose = verbose
+    if log_dir is not None:
+        d = Path(log_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        if _term.file is not None:
+            _term.file.close()
+        _term.log_dir = d
+        _term.file = open(d / "vpref.log", "a")
+
+
+def keep_internal_logs(log_dir: str | Path) -> Path:
+    """Send everything but vpref's own lines to `<log_dir>/driver.log`: Python warnings and
+    library logging, and whatever is written to file descriptor 2 (Ray's C++ core, gRPC, Ray's and
+    Ray Train's console handlers).  vpref's `log`/`progress` and stdout (tables) stay on the
+    terminal; an uncaught exception is shown there too.  For command-line entry points only."""
+    import logging
+    import traceback
+
+    d = Path(log_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "driver.log"
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    _term.out = terminal  # vpref's own lines keep going to the terminal
+    logging.captureWarnings(True)
+    handler = logging.StreamHandler(sys.stderr)  # = driver.log now
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+
+    def excepthook(kind, value, tb):
+        text = "".join(traceback.format_exception(kind, value, tb))
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        _term.commit()
+        terminal.write(text)
+        terminal.flush()
+
+    sys.excepthook = excepthook
+    return path
+
+
+def terminal():
+    """The stream vpref's own lines go to (the terminal, also under `keep_internal_logs`)."""
+    return _term.stream
+
+
+def verbose() -> bool:
+    return _term.verbose
+
+
+def log_dir() -> Path | None:
+    return _term.log_dir
 
 
 def quiet_libraries() -> None:
     """Silence library progress bars and advisory warnings (they drown vpref's own progress)."""
-    import os
-
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

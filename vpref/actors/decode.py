@@ -12,6 +12,7 @@ import itertools
 
 import ray
 
+from vpref.actors.placement import main_options
 from vpref.data.video import Clip, decode_video
 
 
@@ -38,7 +39,7 @@ class DecoderPool:
 
     def __init__(self, data, n: int = 2, namespace: str | None = None):
         self.actors = [RemoteDecoder.options(name=f"decoder-{i}", namespace=namespace, num_cpus=0.25,
-                                             max_restarts=-1, max_task_retries=-1)
+                                             max_restarts=-1, max_task_retries=-1, **main_options())
                        .remote(data.num_frames, data.frame_size, data.decode_timeout_s) for i in range(n)]
         self._next = itertools.cycle(self.actors)
         self._baseline = self._totals()
