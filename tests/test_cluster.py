@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -323,3 +324,258 @@ def _available(node_id: str) -> dict:
     from ray._private.state import available_resources_per_node
 
     return available_resources_per_node().get(node_id, {})
+
+
+# --------------------------------------------------------------------------- cluster/README.md's local path
+
+
+def readme_block(marker: str) -> str:
+    """The ```bash block after `<!-- marker -->` in cluster/README.md."""
+    text = (REPO / "cluster" / "README.md").read_text()
+    m = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", text, re.S)
+    assert m, f"cluster/README.md has no ```bash block after <!-- {marker} -->"
+    return m.group(1)
+
+
+def own_processes(session: int, marker: str) -> list[int]:
+    """PIDs of processes in the session this test created, or naming its temp dir (Ray workers)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            sid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        if sid == session or marker in cmd:
+            pids.append(int(p.name))
+    return pids
+
+
+def end_processes(session: int, marker: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in own_processes(session, marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while own_processes(session, marker) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_cluster_readme_local_walk_runs_as_written_on_a_fresh_machine(tmp_path):
+    """cluster/README.md's local path, command by command, with a fresh HOME (no token yet):
+    generate the token, start the head, submit a vpref job with token auth, reach the dashboard.
+    Changed for the test only: the ports (the head's are all its own), its temp dir, and the
+    head's address pinned to loopback."""
+    block = readme_block("local-walk")
+    tmp = Path(tempfile.mkdtemp(prefix="vw", dir="/tmp"))  # short: Ray's socket paths
+    home = tmp / "home"
+    home.mkdir()
+    dash = free_port()
+    pins = " ".join(f"--{flag}={free_port()}" for flag in (
+        "port", "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+        "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port"))
+    script = block.replace("8265", str(dash))
+    assert len(re.findall(r"(?m)^ray start --head", script)) == 1
+    script = re.sub(r"(?m)^(ray start --head[^\n#]*?)\s*$", rf"\1 {pins} --temp-dir={tmp} --node-ip-address=127.0.0.1",
+                    script)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)  # a fresh machine: no ~/.ray/auth_token
+    proc = subprocess.Popen(["bash", "-euo", "pipefail", "-xc", script], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-4000:]
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        assert len(token) >= 32  # `ray get-auth-token --generate` wrote it
+        # the job ran vpref on the cluster, which has token auth on
+        assert "succeeded" in out and "judges (" in out and "1 node(s)" in out, out[-3000:]
+        assert '"ray_version"' in out or "ray_version" in out, out[-2000:]  # the dashboard answered with the token
+        with pytest.raises(urllib.error.HTTPError) as e:  # and refuses a client without it
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=10)
+        assert e.value.code == 401
+    finally:
+        end_processes(proc.pid, str(tmp))
+    assert not own_processes(proc.pid, str(tmp))
+
+
+# --------------------------------------------------------------------------- fast checks (no cluster)
+
+# Fields of the KubeRay 1.5.1 CRDs the manifests may use (a field only a later CRD knows, such as
+# the group `priority` of 1.7 or authOptions.secretName of 1.6, is an unknown-field error on 1.5).
+KUBERAY_151 = {
+    "RayCluster.spec": {"rayVersion", "authOptions", "enableInTreeAutoscaling", "autoscalerOptions", "headGroupSpec",
+                        "workerGroupSpecs", "headServiceAnnotations", "suspend"},
+    "authOptions": {"mode"},
+    "autoscalerOptions": {"version", "upscalingMode", "idleTimeoutSeconds", "resources", "image", "imagePullPolicy",
+                          "env", "envFrom", "volumeMounts", "securityContext"},
+    "headGroupSpec": {"serviceType", "rayStartParams", "template", "resources", "labels", "headService",
+                      "enableIngress"},
+    "workerGroupSpec": {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds", "rayStartParams",
+                        "template", "resources", "labels", "numOfHosts", "scaleStrategy", "suspend"},
+    "RayJob.spec": {"entrypoint", "runtimeEnvYAML", "submissionMode", "shutdownAfterJobFinishes",
+                    "ttlSecondsAfterFinished", "backoffLimit", "activeDeadlineSeconds", "rayClusterSpec",
+                    "clusterSelector", "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "jobId",
+                    "metadata", "submitterPodTemplate", "suspend"},
+}
+
+
+def _manifest(name: str) -> list[dict]:
+    import yaml
+
+    return [d for d in yaml.safe_load_all((REPO / "cluster" / "kuberay" / name).read_text()) if d]
+
+
+def _check_cluster_spec(spec: dict, where: str) -> None:
+    from vpref.config import RayConfig
+
+    d = RayConfig()
+    assert set(spec) <= KUBERAY_151["RayCluster.spec"], (where, set(spec) - KUBERAY_151["RayCluster.spec"])
+    assert set(spec["authOptions"]) <= KUBERAY_151["authOptions"] and spec["authOptions"]["mode"] == "token"
+    assert set(spec["autoscalerOptions"]) <= KUBERAY_151["autoscalerOptions"]
+    assert spec["autoscalerOptions"]["version"] == "v2"  # label selectors need autoscaler v2
+    assert set(spec["headGroupSpec"]) <= KUBERAY_151["headGroupSpec"]
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    for g in groups.values():
+        assert set(g) <= KUBERAY_151["workerGroupSpec"], (where, g["groupName"], set(g) - KUBERAY_151["workerGroupSpec"])
+        assert not {"resources", "labels"} & set(g["rayStartParams"])  # the operator refuses both ways at once
+        for v in g["template"]["spec"]["volumes"]:
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] == "vpref-shared"
+    # the labels vpref's placement selects on (ray.pool_label / ray.judge_pool defaults)
+    assert groups["judge"]["labels"] == {d.pool_label: d.judge_pool} and groups["judge"]["resources"] == {"judge": "1"}
+    assert groups["gpu-workers"]["labels"][d.pool_label] != d.judge_pool
+
+
+def test_manifests_keep_the_volume_apart_label_the_pools_and_stay_within_kuberay_151_fields():
+    pvc = _manifest("pvc.yaml")
+    assert [d["kind"] for d in pvc] == ["PersistentVolumeClaim"] and pvc[0]["metadata"]["name"] == "vpref-shared"
+    cluster, job = _manifest("raycluster.yaml"), _manifest("rayjob.yaml")
+    assert [d["kind"] for d in cluster] == ["RayCluster"] and [d["kind"] for d in job] == ["RayJob"]  # no PVC
+    _check_cluster_spec(cluster[0]["spec"], "raycluster.yaml")
+    assert set(job[0]["spec"]) <= KUBERAY_151["RayJob.spec"]
+    _check_cluster_spec(job[0]["spec"]["rayClusterSpec"], "rayjob.yaml")
+
+
+def test_grafana_panels_and_the_metrics_table_name_metrics_vpref_exports():
+    defined = set(re.findall(r'"(vpref_\w+)"', (REPO / "vpref" / "actors" / "metrics.py").read_text()))
+    dash = json.loads((REPO / "cluster" / "grafana-vpref.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|sum|count)$", "", m) for e in exprs for m in re.findall(r"ray_(vpref_\w+)", e)}
+    readme = (REPO / "cluster" / "README.md").read_text()
+    documented = set(re.findall(r"`ray_(vpref_\w+)", readme))
+    assert used and used <= defined, used - defined
+    assert documented <= defined, documented - defined
+    assert defined <= documented, f"metrics missing from cluster/README.md: {defined - documented}"
+
+
+def test_placement_keeps_non_judge_work_off_judge_nodes_and_respects_placement_groups():
+    from ray.util.placement_group import PlacementGroup
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from vpref.actors import placement
+    from vpref.config import ConfigError, RayConfig, load_config
+
+    try:
+        placement.configure(RayConfig())
+        assert placement.main_options() == {"label_selector": {"vpref/pool": "!judge"}}
+        assert placement.judge_options() == {}  # judges: their custom resource, unless judges_select_pool
+        pg_opts = {"scheduling_strategy": PlacementGroupSchedulingStrategy(PlacementGroup.empty())}
+        assert placement.main_options(pg_opts) == {}  # bundles carry it (bundle_label_selector)
+        assert placement.bundle_selectors(placement.main_selector(), 2) == [{"vpref/pool": "!judge"}] * 2
+        placement.configure(RayConfig(judges_select_pool=True, pool_label="example.com/pool", judge_pool="j"))
+        assert placement.judge_options() == {"label_selector": {"example.com/pool": "j"}}
+        assert placement.main_selector() == {"example.com/pool": "!j"}
+        placement.configure(RayConfig(pool_label=None))
+        assert placement.main_options() == {} and placement.bundle_selectors(placement.main_selector(), 2) is None
+    finally:
+        placement.configure(RayConfig())
+    for bad in ("ray.pool_label=not a label", "ray.judge_pool=-judge", "ray.pool_label=ray.io/pool"):
+        with pytest.raises(ConfigError, match="label"):
+            load_config(None, [bad])
+
+
+def test_prewarm_requests_judge_nodes_for_the_build_and_always_releases_them(monkeypatch):
+    import ray.autoscaler.sdk as sdk
+
+    from vpref.cluster import prewarm_judges, prewarmed
+    from vpref.config import load_config
+
+    calls = []
+    monkeypatch.setattr(sdk, "request_resources", lambda **kw: calls.append(kw))
+    cfg = load_config(None, ["ray.prewarm_judges=5", "judge.pool.max=3",
+                             "judge.pool.resources={num_cpus: 4, num_gpus: 1, custom: {judge: 1}}"])
+
+    class Engine:
+        def __init__(self):
+            self.cfg = cfg
+
+        @prewarmed
+        def build(self, fail):
+            assert calls[-1]["bundles"] == [{"CPU": 4, "GPU": 1, "judge": 1}] * 3  # capped at judge.pool.max
+            if fail:
+                raise RuntimeError("the build failed")
+            return "built"
+
+    assert Engine().build(False) == "built" and calls[-1] == {"bundles": []}
+    with pytest.raises(RuntimeError):
+        Engine().build(True)
+    assert calls[-1] == {"bundles": []} and len(calls) == 4  # released after the failure too
+    with prewarm_judges(load_config(None, [])):  # prewarm_judges 0: no request at all
+        pass
+    assert len(calls) == 4
+
+
+def test_progress_rewrites_one_line_per_stage_on_a_terminal_and_throttles_elsewhere(monkeypatch):
+    import io
+
+    from vpref import utils
+
+    class TTY(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = utils._Term()
+    monkeypatch.setattr(utils, "_term", term)
+    term.out = TTY()
+    for i in range(3):
+        utils.progress("build", f"build: generated {i}/2")
+    utils.log("round 1: data done")
+    screen = term.out.getvalue()
+    assert screen.count("\r\x1b[K") == 3 and screen.count("\n") == 2  # one line for the stage, one for the log
+    assert "generated 2/2" in screen.split("\n")[0].split("\r\x1b[K")[-1]  # the stage's last state stays
+
+    term.out = io.StringIO()  # a pipe (Ray job logs, CI): the first state, then the last one only
+    term.last_print.clear()
+    for i in range(5):
+        utils.progress("sft policy", f"sft policy: step {i}")
+    utils.progress("sft strong", "sft strong: step 0")
+    lines = term.out.getvalue().splitlines()
+    assert [line.split("] ")[1] for line in lines] == ["sft policy: step 0", "sft policy: step 4",
+                                                       "sft strong: step 0"]
+
+
+def test_internal_output_goes_to_the_run_folder_and_vpref_lines_to_the_terminal(tmp_path):
+    import sys
+
+    code = (
+        "import logging, os, sys, warnings\n"
+        "from vpref.utils import keep_internal_logs, log\n"
+        f"keep_internal_logs({str(tmp_path)!r})\n"
+        "os.write(2, b'C++ core worker: noise\\n')\n"
+        "logging.getLogger('ray.train').warning('train noise')\n"
+        "warnings.warn('library noise')\n"
+        "print('table row')\n"
+        "log('round 1: data done')\n"
+        "raise ValueError('boom')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    kept = (tmp_path / "driver.log").read_text()
+    assert "table row" in r.stdout and "round 1: data done" in r.stderr and "ValueError: boom" in r.stderr
+    assert all(s in kept for s in ("C++ core worker: noise", "train noise", "library noise", "ValueError: boom"))
+    assert "noise" not in r.stderr

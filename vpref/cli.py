@@ -1,4 +1,4 @@
-"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, config."""
+"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, cluster, config."""
 
 from __future__ import annotations
 
@@ -181,6 +181,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_cluster(args) -> int:
+    from vpref.cluster import describe, init_ray, judge_bundle
+
+    cfg = _config(args)
+    init_ray(cfg.ray)
+    print("\n".join(describe(cfg.ray, judge_bundle(cfg))))
+    return 0
+
+
 def cmd_config_show(args) -> int:
     if args.doc:
         for key, default, doc in describe_keys():
@@ -238,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
     verbose_flag(s)
     s.set_defaults(fn=cmd_demo)
+
+    s = with_config(sub.add_parser("cluster", help="the Ray cluster by pool: nodes, where judges and other work go"),
+                    optional=True)
+    s.set_defaults(fn=cmd_cluster)
 
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)

@@ -60,6 +60,40 @@ def _link_session_logs() -> None:
         pass  # a read-only or odd file system: the logs are still in Ray's session folder
 
 
+_PLAIN = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def describe(cfg: RayConfig, judge_resources: dict[str, float]) -> list[str]:
+    """The connected cluster as vpref sees it: one line per node (pool, resources), then where
+    judges and the other work can go (`vpref cluster`)."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    lines = [f"{len(nodes)} node(s); pools by label {cfg.pool_label!r}" if cfg.pool_label
+             else f"{len(nodes)} node(s); label selectors off (ray.pool_label: null)"]
+    judge_nodes, main_nodes = 0, 0
+    for n in nodes:
+        res, labels = n["Resources"], n.get("Labels", {})
+        pool = labels.get(cfg.pool_label, "-") if cfg.pool_label else "-"
+        custom = {k: v for k, v in res.items() if k not in _PLAIN and not k.startswith(("node:", "accelerator_type"))}
+        fits_judge = all(res.get(k, 0) >= v for k, v in judge_resources.items())
+        is_judge_pool = bool(cfg.pool_label) and pool == cfg.judge_pool
+        judge_nodes += fits_judge and (is_judge_pool or not cfg.judges_select_pool)
+        main_nodes += not is_judge_pool and res.get("CPU", 0) > 0
+        lines.append(f"  {n['NodeID'][:10]}  {n['NodeManagerAddress']:<15} pool {pool:<6} CPU {res.get('CPU', 0):g} "
+                     f"GPU {res.get('GPU', 0):g}" + (f" {custom}" if custom else "") + ("  [head]" if _is_head(n) else ""))
+    lines.append(f"judges ({judge_resources}) fit on {judge_nodes} node(s) now"
+                 + ("" if judge_nodes else ": they stay pending until an autoscaler adds a judge node, or start "
+                    "nodes with the judge resource (cluster/README.md)"))
+    lines.append(f"generators, decoders, queues, writer and DPO workers may use {main_nodes} node(s)"
+                 + (f" (never pool {cfg.judge_pool!r})" if cfg.pool_label else ""))
+    return lines
+
+
+def _is_head(node: dict) -> bool:
+    return any(k.startswith("node:__internal_head__") for k in node["Resources"])
+
+
 # --------------------------------------------------------------------------- pre-warming judge nodes
 
 

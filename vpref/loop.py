@@ -37,7 +37,7 @@ from vpref.eval.evaluate import EvalRecord, compute_metrics
 from vpref.eval.report import table, write_report
 from vpref.train.dpo import reference_logps, train_dpo
 from vpref.train.expo import extrapolate, mix
-from vpref.utils import log
+from vpref.utils import log, progress
 
 
 class RunState:
@@ -68,8 +68,10 @@ class RunState:
             log(f"round {t}: {stage} already done, skipped")
             return done
         t0 = time.perf_counter()
+        progress(f"round {t} {stage}", f"round {t}: {stage} ...")
         result = fn()
         result["seconds"] = round(time.perf_counter() - t0, 2)
+        progress(f"round {t} {stage}", f"round {t}: {stage} done in {result['seconds']:.0f}s")
         self.put(t, stage, result)
         return result
 
