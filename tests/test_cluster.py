@@ -210,7 +210,8 @@ def test_judge_nodes_come_and_go_with_the_queue_under_the_real_autoscaler(autosc
 
     cfg = engine_config(world, sft_zoo, tmp_path, "judge.pool.min=0", "judge.pool.max=2",
                         "judge.pool.resources={num_cpus: 0.5, custom: {judge: 1}}", "ray.judges_select_pool=true",
-                        "judge.pool.scale_up_depth=4", "judge.pool.batch_size=2", "judge.pool.interval_s=0.2",
+                        # one item per pull: a judge is slower than the zoo, so the queue keeps a backlog
+                        "judge.pool.scale_up_depth=4", "judge.pool.batch_size=1", "judge.pool.interval_s=0.2",
                         "judge.pool.idle_s=30", "zoo.0.sampling.n=4")
     # 159 questions x 5 answers: generation lasts long enough for the second judge node to join
     samples = [s for split in ("train", "dev", "test") for s in load_manifest(world / f"{split}.jsonl").samples]
@@ -329,11 +330,11 @@ def _available(node_id: str) -> dict:
 # --------------------------------------------------------------------------- cluster/README.md's local path
 
 
-def readme_block(marker: str) -> str:
-    """The ```bash block after `<!-- marker -->` in cluster/README.md."""
-    text = (REPO / "cluster" / "README.md").read_text()
-    m = re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", text, re.S)
-    assert m, f"cluster/README.md has no ```bash block after <!-- {marker} -->"
+def readme_block(marker: str, readme: str = "cluster/README.md") -> str:
+    """The ```bash block after `<!-- marker ... -->` in a README."""
+    text = (REPO / readme).read_text()
+    m = re.search(rf"<!-- {marker}[^>]*-->\s*```bash\n(.*?)```", text, re.S)
+    assert m, f"{readme} has no ```bash block after <!-- {marker} -->"
     return m.group(1)
 
 
@@ -372,6 +373,7 @@ def test_cluster_readme_local_walk_runs_as_written_on_a_fresh_machine(tmp_path):
     Changed for the test only: the ports (the head's are all its own), its temp dir, and the
     head's address pinned to loopback."""
     block = readme_block("local-walk")
+    assert readme_block("local-walk", "README.md") == block  # README.md's "On a cluster" runs the same commands
     tmp = Path(tempfile.mkdtemp(prefix="vw", dir="/tmp"))  # short: Ray's socket paths
     home = tmp / "home"
     home.mkdir()

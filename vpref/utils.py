@@ -108,7 +108,14 @@ def _width() -> int:
         return 120
 
 
-atexit.register(lambda: _term.commit())
+def _flush_at_exit() -> None:
+    try:
+        _term.commit()
+    except (ValueError, OSError):  # the stream is already closed
+        pass
+
+
+atexit.register(_flush_at_exit)
 
 
 def configure(verbose: bool | None = None, log_dir: str | Path | None = None) -> None:
