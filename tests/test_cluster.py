@@ -566,18 +566,22 @@ def test_internal_output_goes_to_the_run_folder_and_vpref_lines_to_the_terminal(
 
     code = (
         "import logging, os, sys, warnings\n"
-        "from vpref.utils import keep_internal_logs, log\n"
+        "from vpref.utils import keep_internal_logs, log, say\n"
         f"keep_internal_logs({str(tmp_path)!r})\n"
         "os.write(2, b'C++ core worker: noise\\n')\n"
         "logging.getLogger('ray.train').warning('train noise')\n"
         "warnings.warn('library noise')\n"
-        "print('table row')\n"
+        "ds = logging.getLogger('DeepSpeed'); ds.propagate = False\n"  # as deepspeed sets up its logger
+        "ds.addHandler(logging.StreamHandler(sys.stdout)); ds.warning('stdout noise')\n"
+        "print('stray print noise')\n"
+        "say('table row')\n"
         "log('round 1: data done')\n"
         "raise ValueError('boom')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     kept = (tmp_path / "driver.log").read_text()
-    assert "table row" in r.stdout and "round 1: data done" in r.stderr and "ValueError: boom" in r.stderr
-    assert all(s in kept for s in ("C++ core worker: noise", "train noise", "library noise", "ValueError: boom"))
+    assert r.stdout == "table row\n" and "round 1: data done" in r.stderr and "ValueError: boom" in r.stderr
+    assert all(s in kept for s in ("C++ core worker: noise", "train noise", "library noise", "stdout noise",
+                                   "stray print noise", "ValueError: boom"))
     assert "noise" not in r.stderr

@@ -7,7 +7,7 @@ import json
 import time
 
 from vpref.config import ConfigError, describe_keys, load_config
-from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, terminal
+from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, say, terminal
 
 
 def _config(args):
@@ -46,12 +46,12 @@ def cmd_sft(args) -> int:
 def _print_sft_table(report: dict) -> None:
     members = report["members"]
     fams = list(next(iter(members.values()))["dev_accuracy"])
-    print(f"\nDev exact-match accuracy per question family ({report['dev_questions']} questions)")
-    print("| member | params | steps | noise | " + " | ".join(fams) + " |")
-    print("|---" * (4 + len(fams)) + "|")
+    say(f"\nDev exact-match accuracy per question family ({report['dev_questions']} questions)")
+    say("| member | params | steps | noise | " + " | ".join(fams) + " |")
+    say("|---" * (4 + len(fams)) + "|")
     for name, m in members.items():
         accs = " | ".join(f"{m['dev_accuracy'][f]:.2f}" for f in fams)
-        print(f"| {name} | {m['params'] / 1e6:.2f}M | {m['steps']} | {m['label_noise']:.1f} | {accs} |")
+        say(f"| {name} | {m['params'] / 1e6:.2f}M | {m['steps']} | {m['label_noise']:.1f} | {accs} |")
 
 
 def cmd_build_data(args) -> int:
@@ -174,10 +174,10 @@ def cmd_demo(args) -> int:
         report = run_sft(cfg)
         _print_sft_table(report)
     metrics = run(cfg)
-    print(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
+    say(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
           f"({metrics['rounds'][0]['eval']['questions']} questions), {time.perf_counter() - t0:.0f}s in all")
     print_table(metrics)
-    print(f"\nreport: {cfg.run.out_dir}/report.md, metrics: {cfg.run.out_dir}/metrics.json")
+    say(f"\nreport: {cfg.run.out_dir}/report.md, metrics: {cfg.run.out_dir}/metrics.json")
     return 0
 
 

@@ -37,7 +37,7 @@ from vpref.eval.evaluate import EvalRecord, compute_metrics
 from vpref.eval.report import table, write_report
 from vpref.train.dpo import reference_logps, train_dpo
 from vpref.train.expo import extrapolate, mix
-from vpref.utils import log, progress
+from vpref.utils import log, progress, say
 
 
 class RunState:
@@ -268,4 +268,4 @@ def collect_metrics(cfg: Config, state: RunState) -> dict:
 
 
 def print_table(metrics: dict) -> None:
-    print(table(metrics["rounds"]))
+    say(table(metrics["rounds"]))

@@ -11,6 +11,8 @@ Two kinds of lines, both on stderr with seconds since start:
 With `configure(log_dir=...)` every line, including throttled ones, is also appended to
 `<log_dir>/vpref.log`; `vpref run`/`demo` put that (and Ray's logs, `vpref.cluster`) in the run
 folder.  `configure(verbose=True)` (`--verbose`) lets Ray and Ray Train print to the terminal too.
+Results meant for the terminal (tables) go through `say`: under `keep_internal_logs` a plain
+`print` lands in the run folder's driver.log with the libraries' output.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class _Term:
         self.pending: tuple[str, str] | None = None  # (stage, line) not printed yet (throttled)
         self.last_print: dict[str, float] = {}
         self.out = None  # the terminal, when stderr itself goes to a log file (keep_internal_logs)
+        self.stdout = None  # the terminal's stdout, likewise
 
     @property
     def stream(self):
@@ -133,19 +136,23 @@ def configure(verbose: bool | None = None, log_dir: str | Path | None = None) ->
 
 
 def keep_internal_logs(log_dir: str | Path) -> Path:
-    """Send everything but vpref's own lines to `<log_dir>/driver.log`: Python warnings and
-    library logging, and whatever is written to file descriptor 2 (Ray's C++ core, gRPC, Ray's and
-    Ray Train's console handlers).  vpref's `log`/`progress` and stdout (tables) stay on the
-    terminal; an uncaught exception is shown there too.  For command-line entry points only."""
+    """Send everything but vpref's own output to `<log_dir>/driver.log`: whatever is written to
+    file descriptors 1 and 2 (Ray's C++ core, gRPC, Ray's and Ray Train's console handlers,
+    libraries that log to stdout such as DeepSpeed, plain `print`), Python warnings and logging.
+    vpref's `log`/`progress` lines and `say` (tables) stay on the terminal; an uncaught exception
+    is shown there too.  For command-line entry points only."""
     import logging
     import traceback
 
     d = Path(log_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / "driver.log"
+    sys.stdout.flush()
     sys.stderr.flush()
     terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    _term.stdout = os.fdopen(os.dup(1), "w", buffering=1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     _term.out = terminal  # vpref's own lines keep going to the terminal
@@ -171,6 +178,13 @@ def keep_internal_logs(log_dir: str | Path) -> Path:
 def terminal():
     """The stream vpref's own lines go to (the terminal, also under `keep_internal_logs`)."""
     return _term.stream
+
+
+def say(*args, **kwargs) -> None:
+    """`print` to the terminal's stdout (results, tables), also under `keep_internal_logs`, where
+    a plain `print` goes to driver.log."""
+    _term.commit()
+    print(*args, file=_term.stdout if _term.stdout is not None else sys.stdout, flush=True, **kwargs)
 
 
 def verbose() -> bool:
