@@ -120,6 +120,8 @@ def autoscaling_head():
         os.environ.pop("RAY_metrics_report_interval_ms", None)
         ray.shutdown()
         stop_group(proc)
+        end_processes(proc.pid, str(tmp))  # stragglers of its session or naming its temp dir
+        assert not own_processes(proc.pid, str(tmp))
 
 
 class Watch(threading.Thread):
@@ -355,13 +357,13 @@ def own_processes(session: int, marker: str) -> list[int]:
 
 
 def end_processes(session: int, marker: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
         for pid in own_processes(session, marker):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + grace_s
         while own_processes(session, marker) and time.time() < deadline:
             time.sleep(0.5)
 

@@ -75,13 +75,15 @@ def describe(cfg: RayConfig, judge_resources: dict[str, float]) -> list[str]:
     for n in nodes:
         res, labels = n["Resources"], n.get("Labels", {})
         pool = labels.get(cfg.pool_label, "-") if cfg.pool_label else "-"
-        custom = {k: v for k, v in res.items() if k not in _PLAIN and not k.startswith(("node:", "accelerator_type"))}
+        custom = {k: v for k, v in res.items()
+                  if k not in _PLAIN and not k.startswith(("node:", "accelerator_type"))}
         fits_judge = all(res.get(k, 0) >= v for k, v in judge_resources.items())
         is_judge_pool = bool(cfg.pool_label) and pool == cfg.judge_pool
         judge_nodes += fits_judge and (is_judge_pool or not cfg.judges_select_pool)
         main_nodes += not is_judge_pool and res.get("CPU", 0) > 0
-        lines.append(f"  {n['NodeID'][:10]}  {n['NodeManagerAddress']:<15} pool {pool:<6} CPU {res.get('CPU', 0):g} "
-                     f"GPU {res.get('GPU', 0):g}" + (f" {custom}" if custom else "") + ("  [head]" if _is_head(n) else ""))
+        extra = (f" {custom}" if custom else "") + ("  [head]" if _is_head(n) else "")
+        lines.append(f"  {n['NodeID'][:10]}  {n['NodeManagerAddress']:<15} pool {pool:<6} "
+                     f"CPU {res.get('CPU', 0):g} GPU {res.get('GPU', 0):g}{extra}")
     lines.append(f"judges ({judge_resources}) fit on {judge_nodes} node(s) now"
                  + ("" if judge_nodes else ": they stay pending until an autoscaler adds a judge node, or start "
                     "nodes with the judge resource (cluster/README.md)"))
