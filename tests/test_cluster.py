@@ -534,7 +534,12 @@ def test_prewarm_requests_judge_nodes_for_the_build_and_always_releases_them(mon
     assert len(calls) == 4
 
 
-def test_progress_rewrites_one_line_per_stage_on_a_terminal_and_throttles_elsewhere(monkeypatch):
+def _screen(written: str) -> list[str]:
+    """What a terminal shows after `written` (\\r + erase-line rewrite the current line)."""
+    return [line.split("\r\x1b[K")[-1].split("] ", 1)[-1] for line in written.split("\n") if line]
+
+
+def test_progress_keeps_one_line_per_stage_on_a_terminal_and_throttles_elsewhere(monkeypatch):
     import io
 
     from vpref import utils
@@ -546,12 +551,20 @@ def test_progress_rewrites_one_line_per_stage_on_a_terminal_and_throttles_elsewh
     term = utils._Term()
     monkeypatch.setattr(utils, "_term", term)
     term.out = TTY()
+    utils.progress("round 1 data", "round 1: data ...", transient=True)
     for i in range(3):
         utils.progress("build", f"build: generated {i}/2")
-    utils.log("round 1: data done")
-    screen = term.out.getvalue()
-    assert screen.count("\r\x1b[K") == 3 and screen.count("\n") == 2  # one line for the stage, one for the log
-    assert "generated 2/2" in screen.split("\n")[0].split("\r\x1b[K")[-1]  # the stage's last state stays
+    utils.log("build: re-enqueueing 3 responses")  # scrolls above the status line
+    utils.progress("round 1 data", "round 1: data done in 1s")
+    utils.progress("round 1 dpo", "round 1: dpo ...", transient=True)
+    utils.progress("round 1 dpo", "round 1: dpo done in 5s")
+    utils.progress("round 1 eval", "round 1: eval ...", transient=True)
+    utils.log("round 1: QA accuracy 0.4")
+    utils.progress("round 1 eval", "round 1: eval done in 1s")
+    term.commit()
+    assert _screen(term.out.getvalue()) == [
+        "build: re-enqueueing 3 responses", "build: generated 2/2", "round 1: data done in 1s",
+        "round 1: dpo done in 5s", "round 1: QA accuracy 0.4", "round 1: eval done in 1s"]
 
     term.out = io.StringIO()  # a pipe (Ray job logs, CI): the first state, then the last one only
     term.last_print.clear()

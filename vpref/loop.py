@@ -68,7 +68,7 @@ class RunState:
             log(f"round {t}: {stage} already done, skipped")
             return done
         t0 = time.perf_counter()
-        progress(f"round {t} {stage}", f"round {t}: {stage} ...")
+        progress(f"round {t} {stage}", f"round {t}: {stage} ...", transient=True)
         result = fn()
         result["seconds"] = round(time.perf_counter() - t0, 2)
         progress(f"round {t} {stage}", f"round {t}: {stage} done in {result['seconds']:.0f}s")

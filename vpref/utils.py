@@ -3,10 +3,11 @@
 Two kinds of lines, both on stderr with seconds since start:
 
 * `log(msg)`: a result or an event worth keeping (a stage finished, a warning, a file written).
-* `progress(stage, msg)`: the current state of a running stage.  On a terminal it rewrites one
-  line per stage in place; elsewhere (Ray job logs, CI, pipes) it is printed at most every
-  `PROGRESS_EVERY_S` seconds per stage.  The last state of a stage is always printed once a
-  different line follows, so every stage leaves exactly one final line on a terminal.
+* `progress(stage, msg)`: the current state of a running stage.  On a terminal it is the status
+  line at the bottom, rewritten in place (log lines scroll above it); when another stage's line
+  replaces it, its last state stays on screen, so every stage leaves one line.  Elsewhere (Ray
+  job logs, CI, pipes) it is printed at most every `PROGRESS_EVERY_S` seconds per stage, and the
+  last state of a stage is always printed once a different line follows.
 
 With `configure(log_dir=...)` every line, including throttled ones, is also appended to
 `<log_dir>/vpref.log`; `vpref run`/`demo` put that (and Ray's logs, `vpref.cluster`) in the run
@@ -32,8 +33,9 @@ class _Term:
         self.verbose = False
         self.log_dir: Path | None = None
         self.file = None
-        self.live: str | None = None  # the stage whose transient line is on screen (terminal only)
-        self.pending: tuple[str, str] | None = None  # (stage, line) not printed yet (throttled)
+        # terminal: the status line at the bottom of the screen (stage, text, erase it when superseded?)
+        self.live: tuple[str, str, bool] | None = None
+        self.pending: tuple[str, str] | None = None  # elsewhere: (stage, line) not printed yet (throttled)
         self.last_print: dict[str, float] = {}
         self.out = None  # the terminal, when stderr itself goes to a log file (keep_internal_logs)
         self.stdout = None  # the terminal's stdout, likewise
@@ -53,8 +55,13 @@ class _Term:
             self.file.write(line + "\n")
             self.file.flush()
 
+    def draw(self, line: str) -> None:
+        width = _width()
+        self.stream.write("\r\x1b[K" + (line if len(line) <= width else line[: width - 1] + "…"))
+        self.stream.flush()
+
     def commit(self) -> None:
-        """End the transient line on screen / print the pending throttled line."""
+        """Keep the status line on screen (a newline after it) / print the pending throttled line."""
         if self.live is not None:
             self.stream.write("\n")
             self.live = None
@@ -74,24 +81,29 @@ def _stamp(msg: str) -> str:
 
 
 def log(msg: str) -> None:
-    """One permanent line on stderr, with seconds since start (readable in CI logs and Ray job logs)."""
+    """One permanent line on stderr, with seconds since start (readable in CI logs and Ray job logs).
+    On a terminal it goes above the status line, which stays at the bottom."""
     line = _stamp(msg)
     _term.to_file(line)
+    if _term.tty() and _term.live is not None:
+        _term.stream.write("\r\x1b[K" + line + "\n")
+        _term.draw(_term.live[1])
+        return
     _term.commit()
     print(line, file=_term.stream, flush=True)
 
 
-def progress(stage: str, msg: str) -> None:
-    """The current state of `stage` (e.g. "build", "sft policy"); see the module docstring."""
+def progress(stage: str, msg: str, transient: bool = False) -> None:
+    """The current state of `stage` (e.g. "build", "sft policy"); see the module docstring.
+    `transient`: on a terminal, erase this line (rather than keep it) when another stage's line
+    replaces it, e.g. a "stage ..." line whose own final state follows later."""
     line = _stamp(msg)
     _term.to_file(line)
     if _term.tty():
-        if _term.live not in (None, stage) or _term.pending is not None:
-            _term.commit()
-        width = _width()
-        _term.stream.write("\r\x1b[K" + (line if len(line) <= width else line[: width - 1] + "…"))
-        _term.stream.flush()
-        _term.live = stage
+        if _term.live is not None and _term.live[0] != stage and not _term.live[2]:
+            _term.commit()  # the previous stage's last state stays on screen
+        _term.draw(line)
+        _term.live = (stage, line, transient)
         return
     if _term.pending is not None and _term.pending[0] != stage:
         _term.commit()
