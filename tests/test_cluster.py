@@ -554,17 +554,17 @@ def test_progress_keeps_one_line_per_stage_on_a_terminal_and_throttles_elsewhere
     utils.progress("round 1 data", "round 1: data ...", transient=True)
     for i in range(3):
         utils.progress("build", f"build: generated {i}/2")
-    utils.log("build: re-enqueueing 3 responses")  # scrolls above the status line
+    utils.log("build: re-enqueueing 3 responses")
     utils.progress("round 1 data", "round 1: data done in 1s")
     utils.progress("round 1 dpo", "round 1: dpo ...", transient=True)
     utils.progress("round 1 dpo", "round 1: dpo done in 5s")
     utils.progress("round 1 eval", "round 1: eval ...", transient=True)
-    utils.log("round 1: QA accuracy 0.4")
+    utils.log("round 1: QA accuracy 0.4")  # scrolls above the running stage's line
     utils.progress("round 1 eval", "round 1: eval done in 1s")
-    term.commit()
+    utils.log("report: runs/x/report.md")
     assert _screen(term.out.getvalue()) == [
-        "build: re-enqueueing 3 responses", "build: generated 2/2", "round 1: data done in 1s",
-        "round 1: dpo done in 5s", "round 1: QA accuracy 0.4", "round 1: eval done in 1s"]
+        "build: generated 2/2", "build: re-enqueueing 3 responses", "round 1: data done in 1s",
+        "round 1: dpo done in 5s", "round 1: QA accuracy 0.4", "round 1: eval done in 1s", "report: runs/x/report.md"]
 
     term.out = io.StringIO()  # a pipe (Ray job logs, CI): the first state, then the last one only
     term.last_print.clear()

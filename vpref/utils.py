@@ -4,8 +4,8 @@ Two kinds of lines, both on stderr with seconds since start:
 
 * `log(msg)`: a result or an event worth keeping (a stage finished, a warning, a file written).
 * `progress(stage, msg)`: the current state of a running stage.  On a terminal it is the status
-  line at the bottom, rewritten in place (log lines scroll above it); when another stage's line
-  replaces it, its last state stays on screen, so every stage leaves one line.  Elsewhere (Ray
+  line at the bottom, rewritten in place; when another stage's line replaces it, its last state
+  stays on screen, so every stage leaves one line.  Elsewhere (Ray
   job logs, CI, pipes) it is printed at most every `PROGRESS_EVERY_S` seconds per stage, and the
   last state of a stage is always printed once a different line follows.
 
@@ -82,10 +82,11 @@ def _stamp(msg: str) -> str:
 
 def log(msg: str) -> None:
     """One permanent line on stderr, with seconds since start (readable in CI logs and Ray job logs).
-    On a terminal it goes above the status line, which stays at the bottom."""
+    On a terminal it goes above a transient status line ("stage ..."), which stays at the bottom;
+    any other status line is kept above it."""
     line = _stamp(msg)
     _term.to_file(line)
-    if _term.tty() and _term.live is not None:
+    if _term.tty() and _term.live is not None and _term.live[2]:
         _term.stream.write("\r\x1b[K" + line + "\n")
         _term.draw(_term.live[1])
         return
