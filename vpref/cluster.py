@@ -24,6 +24,10 @@ def init_ray(cfg: RayConfig, temp_dir: str | None = None) -> str:
     if ray.is_initialized():
         return "already connected"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        raise ValueError(f"RAY_ADDRESS={address} is the job API's address (for `ray job submit`); run vpref "
+                         "through `ray job submit ... -- python -m vpref ...`, or unset RAY_ADDRESS / set "
+                         "ray.address to the cluster's GCS address (host:6379) to join it directly")
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}}
     quiet = {} if verbose() else {"log_to_driver": False, "logging_level": "WARNING"}
     if address:  # launched by `ray job submit` (RAY_ADDRESS is set) or pointed at a cluster
