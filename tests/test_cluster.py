@@ -247,7 +247,7 @@ def test_judge_nodes_come_and_go_with_the_queue_under_the_real_autoscaler(autosc
     # pool events: one judge up, then (queue backed up, judge-0 placed) the second
     assert [(kind, name) for _, kind, name in res.judge_events][:2] == [("up", "judge-0"), ("up", "judge-1")]
     t_up1 = res.judge_events[1][0] - watch.t0
-    assert first_up - 0.5 <= t_up1 < second_up  # judge-1: asked for once judge-0 was placed, before its node
+    assert res.judge_events[0][0] - watch.t0 < first_up and t_up1 < second_up  # each judge asked before its node
     # judges on the launched nodes pulled the work (only judge nodes offer `judge`)
     assert res.status["complete"]
     by_judge: dict[str, int] = {}
