@@ -133,6 +133,7 @@ class Watch(threading.Thread):
         self.t0, self.every_s, self.scrape = time.time(), every_s, scrape
         self.nodes: list[tuple[float, int, int]] = []  # (seconds, judge nodes, gpu-workers nodes)
         self.series: dict[tuple[str, str], float] = {}  # (node, series) -> largest value seen
+        self.last: dict[str, float] = {}  # series -> value at the latest scrape
         self.first_seen: dict[str, float] = {}  # metric name -> seconds when first scraped
         self.stopped = threading.Event()
         self.start()
@@ -160,6 +161,7 @@ class Watch(threading.Thread):
                 series, value = line.rsplit(" ", 1)
                 key = (node["NodeID"], _strip_instance_tags(series))
                 self.series[key] = max(self.series.get(key, 0.0), float(value))
+                self.last[key[1]] = float(value)
                 self.first_seen.setdefault(series.split("{")[0], round(time.time() - self.t0, 2))
 
     def stop(self):
@@ -171,6 +173,10 @@ class Watch(threading.Thread):
         want = [f'{k}="{v}"' for k, v in tags.items()]
         return sum(v for (_, s), v in self.series.items()
                    if s.split("{")[0] == name and all(w in s for w in want))
+
+    def latest(self, name: str) -> float:
+        (value,) = [v for s, v in self.last.items() if s.split("{")[0] == name]  # a driver gauge: one series
+        return value
 
     def most(self, name: str) -> float:
         return max((v for (_, s), v in self.series.items() if s.split("{")[0] == name), default=float("nan"))
@@ -265,10 +271,9 @@ def test_judge_nodes_come_and_go_with_the_queue_under_the_real_autoscaler(autosc
     assert watch.most("ray_vpref_build_pairs") == st["pairs"]
     assert watch.most("ray_vpref_build_judge_failures") == st["judge_failures"] == 0
     assert 4 <= watch.most("ray_vpref_queue_depth") <= cfg.build.queue_size  # it backed up, within its bound
-    seconds = t_done - t_build
     for rate, total in (("ray_vpref_responses_per_second", st["responses"]),
-                        ("ray_vpref_judgments_per_second", st["judged"])):
-        assert total / seconds / 3 < watch.most(rate) < 3 * total / seconds, (rate, watch.most(rate))
+                        ("ray_vpref_judgments_per_second", st["judged"])):  # the build's mean rate at its end
+        assert watch.latest(rate) == pytest.approx(total / res.seconds, rel=0.05), (rate, watch.latest(rate))
     assert watch.most('ray_vpref_judges') == 2
     assert watch.first_seen["ray_vpref_queue_depth"] < t_done  # seen during the build, not only after
 
