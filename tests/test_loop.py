@@ -115,6 +115,9 @@ def test_vpref_run_as_a_ray_job_resumes_after_being_stopped_mid_round(head, worl
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     logs = second.stdout + second.stderr
     assert "round 1: data already done, skipped" in logs and "round 0: eval already done, skipped" in logs
+    # quiet: vpref's lines in the job log, actors' and Ray Train's output in the run folder
+    assert "round 1: dpo done in" in logs and "pid=" not in logs, logs[-3000:]
+    assert "round 1: dpo done in" in (out / "logs" / "vpref.log").read_text() and (out / "logs" / "driver.log").is_file()
     assert {p: p.stat().st_mtime_ns for p in sorted((out / "round_1" / "data" / "responses").glob("*.parquet"))} == stamps
     metrics = json.loads((out / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [0, 1]

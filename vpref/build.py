@@ -22,10 +22,12 @@ import ray
 
 from vpref.actors.decode import DecoderPool
 from vpref.actors.generator import GeneratorActor
-from vpref.actors.metrics import driver_metrics
+from vpref.actors.metrics import driver_metrics, publish_status
 from vpref.actors.queue import BatchQueue
+from vpref.actors.placement import configure as use_placement, main_options, main_selector
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
+from vpref.cluster import prewarmed
 from vpref.config import Config, ZooMember
 from vpref.data.manifest import Sample
 from vpref.data.schema import response_id
@@ -34,7 +36,7 @@ from vpref.folders import FolderLock, check_build_inputs, checkpoint_identity, d
 from vpref.driver import BuildResult, drive, error_text
 from vpref.health import actor_placed, patience, placeable_now, request_of, unplaceable
 from vpref.judges.registry import judge_identity
-from vpref.utils import log
+from vpref.utils import log, progress
 
 RemoteGenerator = ray.remote(GeneratorActor)
 RemoteWriter = ray.remote(PairWriter)
@@ -45,6 +47,7 @@ class DataEngine:
         """`members`: host only these zoo members (e.g. just the policy for evaluation)."""
         self.cfg = cfg
         ns = cfg.ray.namespace
+        use_placement(cfg.ray)  # label selectors: keep judge nodes for judges
         self.state_dir = Path(state_dir)
         self.generators: dict[str, list] = {}
         self.groups: list = []  # placement groups of tensor-parallel generators
@@ -60,19 +63,19 @@ class DataEngine:
                 if m.backend == "vllm":  # GPUs through a placement group when tensor parallel
                     from vpref.actors.vllm_backend import vllm_actor_options
 
-                    res = vllm_actor_options(m)
+                    res = vllm_actor_options(m, label_selector=main_selector())
                     self.groups.append(placement_group_of(res))
                 else:
                     res = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.custom) or None)
                 replicas.append(RemoteGenerator.options(
-                    name=name, namespace=ns, max_restarts=-1, max_task_retries=-1, **res,
+                    name=name, namespace=ns, max_restarts=-1, max_task_retries=-1, **res, **main_options(res),
                 ).remote(m.model_dump(), name, str(self.state_dir / "actors" / f"{name}.json")))
                 self.requests[name] = request_of(res)
             self.generators[m.name] = replicas
         self.pool = JudgePool(cfg.judge, ns)
         self.decoders = DecoderPool(cfg.data, cfg.data.decoders, ns)
         # Queues and writer live as long as the engine (a build does not wait for processes to start).
-        opts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1, "namespace": ns}
+        opts = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": -1, "namespace": ns, **main_options()}
         self.queue = BatchQueue(maxsize=cfg.build.queue_size, actor_options={**opts, "name": "queue"})
         # pair jobs (both-order comparisons) exist only with the pairwise check
         self.pair_queue = (BatchQueue(actor_options={**opts, "name": "pair-queue"})
@@ -179,6 +182,7 @@ class DataEngine:
 
     # ------------------------------------------------------------------ one build
 
+    @prewarmed  # ray.prewarm_judges: judge nodes requested for the build, released after it
     def build(self, samples: list[Sample], out_dir: str | Path, round_: int = 0, policy_version: int = 0,
               progress_every_s: float = 5.0) -> BuildResult:
         """One build into `out_dir`, locked while it runs.  Resumes what is on disk (and tries failed
@@ -270,10 +274,12 @@ class DataEngine:
         rate = status["judged"] / elapsed if elapsed > 0 else 0.0
         self.metrics["responses_per_s"].set(status["responses"] / elapsed if elapsed > 0 else 0.0)
         self.metrics["judgments_per_s"].set(rate)
+        publish_status(self.metrics, status)
         self.metrics["judges"].set(counts["alive"], tags={"state": "alive"})
         self.metrics["judges"].set(counts["pending"], tags={"state": "pending"})
         pending = f" (+{counts['pending']} pending)" if counts["pending"] else ""
-        log(f"build: generated {status['responses']}/{status['expected_responses']} | judged {status['judged']} "
+        progress("build",
+                 f"build: generated {status['responses']}/{status['expected_responses']} | judged {status['judged']} "
             f"({status['judge_failures']} failed) | pairs {status['pairs']} | questions "
             f"{status['samples_finished']}/{status['samples']} | queue {depth} | judges {counts['alive']}{pending} "
             f"| {elapsed:.0f}s")

@@ -1,18 +1,26 @@
-"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, judge-eval, config."""
+"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, judge-eval, cluster, config."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 from vpref.config import ConfigError, describe_keys, load_config
-from vpref.utils import quiet_libraries
+from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, say, terminal
 
 
 def _config(args):
     return load_config(args.config, args.set or [])
+
+
+def _run_folder_logs(args, run_dir) -> None:
+    """Ray's and Ray Train's own output goes to `<run_dir>/logs/` unless --verbose."""
+    from pathlib import Path
+
+    configure_output(log_dir=Path(run_dir) / "logs")
+    if not args.verbose:
+        keep_internal_logs(Path(run_dir) / "logs")
 
 
 def cmd_synth(args) -> int:
@@ -46,12 +54,12 @@ def cmd_sft(args) -> int:
 def _print_sft_table(report: dict) -> None:
     members = report["members"]
     fams = list(next(iter(members.values()))["dev_accuracy"])
-    print(f"\nDev exact-match accuracy per question family ({report['dev_questions']} questions)")
-    print("| member | params | steps | noise | " + " | ".join(fams) + " |")
-    print("|---" * (4 + len(fams)) + "|")
+    say(f"\nDev exact-match accuracy per question family ({report['dev_questions']} questions)")
+    say("| member | params | steps | noise | " + " | ".join(fams) + " |")
+    say("|---" * (4 + len(fams)) + "|")
     for name, m in members.items():
         accs = " | ".join(f"{m['dev_accuracy'][f]:.2f}" for f in fams)
-        print(f"| {name} | {m['params'] / 1e6:.2f}M | {m['steps']} | {m['label_noise']:.1f} | {accs} |")
+        say(f"| {name} | {m['params'] / 1e6:.2f}M | {m['steps']} | {m['label_noise']:.1f} | {accs} |")
 
 
 def cmd_build_data(args) -> int:
@@ -124,7 +132,9 @@ def cmd_pairs(args) -> int:
 def cmd_run(args) -> int:
     from vpref.loop import print_table, run
 
-    metrics = run(_config(args))
+    cfg = _config(args)
+    _run_folder_logs(args, cfg.run.out_dir)
+    metrics = run(cfg)
     print_table(metrics)
     return 0
 
@@ -190,7 +200,7 @@ def cmd_eval(args) -> int:
     worst = max((failed_share(r["eval"].get("suites", {})) for r in results), default=0.0)
     if worst > 0.5:
         print(f"vpref eval: {worst:.0%} of the judge's ratings failed (see the failure reasons in the JSON"
-              f"{' and ' + str(out) + '/checkpoint_*/eval_ratings.jsonl' if args.out else ''})", file=sys.stderr)
+              f"{' and ' + str(out) + '/checkpoint_*/eval_ratings.jsonl' if args.out else ''})", file=terminal())
         return 1
     return 0
 
@@ -210,6 +220,7 @@ def cmd_demo(args) -> int:
     if args.fresh:
         for d in (cfg.synth.out, cfg.sft.out, cfg.run.out_dir):
             shutil.rmtree(d, ignore_errors=True)
+    _run_folder_logs(args, cfg.run.out_dir)
     t0 = time.perf_counter()
     s = cfg.synth
     spec = SynthSpec(s.n, s.seed, s.size, s.min_frames, s.max_frames, s.fps, tuple(s.split))
@@ -239,10 +250,19 @@ def cmd_demo(args) -> int:
     else:
         log(f"demo: SFT checkpoints in {cfg.sft.out} match this world and settings; SFT skipped")
     metrics = run(cfg)
-    print(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
+    say(f"\nvpref demo: {cfg.loop.rounds} Iter-W2S-RLAIF rounds on the synthetic test split "
           f"({metrics['rounds'][0]['eval']['questions']} questions), {time.perf_counter() - t0:.0f}s in all")
     print_table(metrics)
-    print(f"\nreport: {cfg.run.out_dir}/report.md, metrics: {cfg.run.out_dir}/metrics.json")
+    say(f"\nreport: {cfg.run.out_dir}/report.md, metrics: {cfg.run.out_dir}/metrics.json")
+    return 0
+
+
+def cmd_cluster(args) -> int:
+    from vpref.cluster import describe, init_ray, judge_bundle
+
+    cfg = _config(args)
+    init_ray(cfg.ray)
+    print("\n".join(describe(cfg.ray, judge_bundle(cfg))))
     return 0
 
 
@@ -258,7 +278,7 @@ def cmd_judge_eval(args) -> int:
     worst = [r["name"] for r in report["judges"] if (r.get("failure_rate") or 0) > 0.5]
     if worst:
         print(f"judge-eval: most judgments failed for {', '.join(worst)} (see failures_by_cause in the JSON)",
-              file=sys.stderr)
+              file=terminal())
     return 0
 
 
@@ -278,6 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(sp, optional=False):
         sp.add_argument("config", nargs="?" if optional else None, help="YAML config (see configs/)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. dpo.beta=0.2")
+        return verbose_flag(sp)
+
+    def verbose_flag(sp):
+        sp.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and Ray Train's own output (run/demo keep it in <run>/logs/)")
         return sp
 
     s = sub.add_parser("synth", help="write the synthetic video-QA world (mp4 clips + manifests)")
@@ -320,11 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="synth -> SFT -> 3 rounds -> eval on the embedded default (CPU, minutes)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     s.add_argument("--fresh", action="store_true", help="delete earlier demo outputs first")
+    verbose_flag(s)
     s.set_defaults(fn=cmd_demo)
 
     s = with_config(sub.add_parser("judge-eval", help="measure judges: accuracy on known-truth pairs, agreement, "
                                                       "position and length bias, failures, speed"))
     s.set_defaults(fn=cmd_judge_eval)
+    s = with_config(sub.add_parser("cluster", help="the Ray cluster by pool: nodes, where judges and other work go"),
+                    optional=True)
+    s.set_defaults(fn=cmd_cluster)
 
     c = sub.add_parser("config", help="inspect configs")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -353,11 +382,12 @@ def main(argv=None) -> int:
     quiet_libraries()
     from vpref.errors import VprefError
 
+    configure_output(verbose=getattr(args, "verbose", False))
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"vpref: {e}", file=sys.stderr)
+        print(f"vpref: {e}", file=terminal())
         return exit_code(e)
     except (VprefError, FileNotFoundError, ValueError, KeyboardInterrupt) as e:
-        print(f"vpref {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"vpref {args.command}: {e or 'interrupted'}", file=terminal())
         return exit_code(e)

@@ -57,6 +57,30 @@ class RayConfig(_Section):
     placement_timeout_s: float = F(
         600.0, "seconds an actor or the training job may wait for resources no node has (an autoscaler may add "
         "them) before the command stops, naming what was asked and what the cluster has", gt=0)
+    pool_label: str | None = F(
+        "vpref/pool", "node label splitting the cluster into pools (KubeRay group `labels`, `ray start --labels`); "
+        "null: no label selectors")
+    judge_pool: str = F(
+        "judge", "pool_label value of judge nodes: all other work (generators, decoders, queues, writer, DPO) "
+        "selects `!judge` and never lands there; unlabelled nodes take any work")
+    judges_select_pool: bool = F(
+        False, "judges also require pool_label=judge_pool (on top of judge.pool.resources); needs labelled judge nodes")
+    prewarm_judges: int = F(
+        0, "judge nodes requested from the autoscaler (request_resources) when a build starts, released when it ends",
+        ge=0)
+
+    @field_validator("pool_label", "judge_pool")
+    @classmethod
+    def _label_syntax(cls, v):
+        # Ray labels follow Kubernetes label syntax: [prefix/]name, name and value <= 63 characters
+        import re
+
+        name = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
+        if v is not None and not re.fullmatch(rf"([a-z0-9]([a-z0-9.-]*[a-z0-9])?/)?{name}", v):
+            raise ValueError(f"{v!r} is not a valid Ray/Kubernetes label key or value (e.g. vpref/pool, judge)")
+        if v is not None and v.startswith("ray.io/"):
+            raise ValueError(f"{v!r}: labels under ray.io/ are reserved by Ray")
+        return v
 
 
 class SynthConfig(_Section):

@@ -38,7 +38,7 @@ from vpref.folders import FolderLock, checkpoint_identity, digest, file_digest
 from vpref.health import ensure_placeable
 from vpref.train.dpo import reference_logps, train_dpo
 from vpref.train.expo import extrapolate, mix
-from vpref.utils import log
+from vpref.utils import log, progress, say
 
 # The config keys (dotted prefixes) whose values a stage's results depend on.  A key no stage
 # claims counts for every stage (a new key is assumed to matter); OPERATIONAL keys count for none.
@@ -158,8 +158,10 @@ class RunState:
             log(f"round {t}: {stage} already done, skipped")
             return done
         t0 = time.perf_counter()
+        progress(f"round {t} {stage}", f"round {t}: {stage} ...", transient=True)
         result = fn()
         result["seconds"] = round(time.perf_counter() - t0, 2)
+        progress(f"round {t} {stage}", f"round {t}: {stage} done in {result['seconds']:.0f}s")
         self.put(t, stage, result)
         return result
 
@@ -233,7 +235,7 @@ def _run(cfg: Config, run_dir: Path) -> dict:
             log(f"round {t}: QA accuracy {metrics['accuracy'].get('qa', 0):.3f}, judge {metrics['judge']['overall']:.3f}, "
                 f"{metrics['length']['words']:.1f} words")
             if runner:
-                print(round_summary(t, metrics), flush=True)
+                say(round_summary(t, metrics))
             return {"policy": path, "metrics": metrics}
 
         state.stage(0, "eval", lambda: evaluate(0, theta[0]))
@@ -346,9 +348,9 @@ def collect_metrics(cfg: Config, state: RunState) -> dict:
 
 def print_table(metrics: dict) -> None:
     j = metrics["rounds"][0]["eval"]["judge"]
-    print(f"Test split: exact match and the build judge `{j['name']}` ({j['rubric_version']}); "
-          "bootstrap 95% intervals in brackets")
-    print(table(metrics["rounds"]))
+    say(f"Test split: exact match and the build judge `{j['name']}` ({j['rubric_version']}); "
+        "bootstrap 95% intervals in brackets")
+    say(table(metrics["rounds"]))
     extra = suite_tables(metrics["rounds"], compact=True)
     if extra:
-        print("\n" + extra)
+        say("\n" + extra)

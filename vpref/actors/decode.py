@@ -12,6 +12,7 @@ import itertools
 
 import ray
 
+from vpref.actors.placement import main_options
 from vpref.data.video import Clip, VideoDecodeError, decode_video
 
 CRASH = "decoder process crashed"  # the cause vpref.data.video gives when its decode child dies mid-decode
@@ -61,7 +62,7 @@ class DecoderPool:
 
     def __init__(self, data, n: int = 2, namespace: str | None = None):
         self.actors = [RemoteDecoder.options(name=f"decoder-{i}", namespace=namespace, num_cpus=DECODER_CPUS,
-                                             max_restarts=-1, max_task_retries=-1)
+                                             max_restarts=-1, max_task_retries=-1, **main_options())
                        .remote(data.num_frames, data.frame_size, data.decode_timeout_s) for i in range(n)]
         self._next = itertools.cycle(self.actors)
         self._baseline = self._totals()

@@ -1,7 +1,12 @@
-"""Custom metrics on the Ray dashboard / Prometheus (exported with a `ray_` prefix).
+"""Custom metrics on the Ray dashboard / Prometheus (exported by every node's metrics agent
+with a `ray_` prefix; cluster/README.md lists them and has a Grafana panel).
 
-Counters give rates in Grafana (`rate(ray_vpref_responses_total[1m])`); the driver also sets
-gauges of the queue depth and of the current responses/s and judgments/s.
+Counters, recorded where the work happens (generators, judges, writer), give rates in Grafana
+(`rate(ray_vpref_responses_total[1m])`); they exist once incremented, and a counter of a removed
+judge node disappears with the node.  The driver also sets gauges from the writer's authoritative
+status every few seconds: queue depth, judge pool size, the build's responses/s and judgments/s
+(means since the build started), and the build's judge failures and pairs, which read 0 rather
+than missing when nothing failed.
 """
 
 from __future__ import annotations
@@ -45,5 +50,12 @@ def driver_metrics() -> dict:
         "responses_per_s": Gauge("vpref_responses_per_second", "generation throughput"),
         "judgments_per_s": Gauge("vpref_judgments_per_second", "judging throughput"),
         "judges": Gauge("vpref_judges", "judge actors by state", tag_keys=("state",)),
-        "decodes": Gauge("vpref_video_decodes", "videos decoded in this build"),
+        "judge_failures": Gauge("vpref_build_judge_failures", "failure records of this build's judge (unparseable)"),
+        "pairs": Gauge("vpref_build_pairs", "chosen/rejected pairs of this build so far"),
     }
+
+
+def publish_status(metrics: dict, status: dict) -> None:
+    """Gauges from the writer's status of the running build."""
+    metrics["judge_failures"].set(status["judge_failures"])
+    metrics["pairs"].set(status["pairs"])

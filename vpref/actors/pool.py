@@ -15,6 +15,7 @@ import time
 import ray
 
 from vpref.actors.judge import JudgeActor
+from vpref.actors.placement import judge_options, judge_selector
 from vpref.config import JudgeConfig
 
 RemoteJudge = ray.remote(JudgeActor)
@@ -25,11 +26,11 @@ def judge_actor_options(cfg: JudgeConfig, name: str, namespace: str | None) -> d
     if cfg.kind == "llm" and cfg.backend == "vllm":  # GPUs through a placement group when tensor parallel
         from vpref.actors.vllm_backend import vllm_actor_options
 
-        res = vllm_actor_options(cfg, r)
+        res = vllm_actor_options(cfg, r, label_selector=judge_selector())
     else:
         res = dict(num_cpus=r.num_cpus, num_gpus=r.num_gpus, resources=dict(r.custom) or None)
     return dict(name=name, namespace=namespace, max_restarts=-1, max_task_retries=-1, max_concurrency=4,
-                get_if_exists=False, **res)
+                get_if_exists=False, **res, **judge_options(res))
 
 
 class JudgePool:

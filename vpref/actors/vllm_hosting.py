@@ -124,7 +124,7 @@ def tp_bundles(tp: int, num_cpus: float, custom: Mapping[str, float] | None = No
     return [first] + [{"GPU": 1.0} for _ in range(tp - 1)]
 
 
-def vllm_actor_options(member, resources=None) -> dict:
+def vllm_actor_options(member, resources=None, label_selector: dict | None = None) -> dict:
     """Ray actor options for an actor hosting a vLLM engine (a GeneratorActor with backend vllm,
     or a judge with judge.backend vllm).
 
@@ -136,7 +136,8 @@ def vllm_actor_options(member, resources=None) -> dict:
     TP > 1: a STRICT_PACK placement group of TP one-GPU bundles is created here; the actor takes
     num_gpus=0 and bundle 0, capturing child tasks so vLLM's workers land in the group.  The
     group lives as long as the job; remove it (`ray.util.remove_placement_group(
-    opts["scheduling_strategy"].placement_group)`) when the actor is retired for good."""
+    opts["scheduling_strategy"].placement_group)`) when the actor is retired for good.
+    `label_selector` (vpref.actors.placement) goes on every bundle of that group."""
     r = resources if resources is not None else member.resources
     tp = member.vllm.tensor_parallel_size
     custom = dict(r.custom) or None
@@ -145,7 +146,10 @@ def vllm_actor_options(member, resources=None) -> dict:
     from ray.util import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    pg = placement_group(tp_bundles(tp, r.num_cpus, custom), strategy="STRICT_PACK")
+    from vpref.actors.placement import bundle_selectors
+
+    pg = placement_group(tp_bundles(tp, r.num_cpus, custom), strategy="STRICT_PACK",
+                         bundle_label_selector=bundle_selectors(label_selector, tp))
     return {
         "num_cpus": r.num_cpus,
         "num_gpus": 0,

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from vpref.actors.placement import main_options, main_selector
 from vpref.config import DataConfig, DPOConfig
 from vpref.data.schema import read_table
 
@@ -155,7 +156,7 @@ def reference_logps(ref_path: str | Path, pairs_dir: str | Path, out_path: str |
         refs = [a.score_pairs.remote(rows[k::len(actors)], data.model_dump(), batch_size) for k, a in enumerate(actors)]
     else:
         shards = max(1, min(shards, len(rows)))
-        refs = [_reference_shard.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(
+        refs = [_reference_shard.options(num_cpus=num_cpus, num_gpus=num_gpus, **main_options()).remote(
             str(ref_path), rows[k::shards], data.model_dump(), batch_size) for k in range(shards)]
     got = {pid: v for part in ray.get(refs) for pid, *v in part}
     cols = list(zip(*(got[pid] for pid in table.column("pair_id").to_pylist())))
@@ -199,7 +200,6 @@ def train_loop(config: dict) -> None:
     folder), pairs (Parquet with reference log-probs), progress_dir, seed."""
     import ray.train
     import torch.distributed as dist
-    from ray.train import Checkpoint
 
     from vpref.models.video_lm import VideoLM
     from vpref.utils import log, quiet_libraries
@@ -403,7 +403,7 @@ def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | P
         train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=dpo.num_workers, use_gpu=dpo.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, label_selector=main_selector()),
         torch_config=TorchConfig(backend="nccl" if dpo.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name, storage_path=str(out / "ray_train"),

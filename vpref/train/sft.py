@@ -23,7 +23,7 @@ from vpref.data.world import perturb
 from vpref.eval.qa import accuracy_by_family, answer_all
 from vpref.models.tiny import rubric_corpus, tiny_parts, train_tokenizer, world_corpus
 from vpref.models.video_lm import VideoLM
-from vpref.utils import log
+from vpref.utils import log, progress
 
 
 def lr_at(step: int, total: int, warmup: int) -> float:
@@ -90,7 +90,7 @@ def train_member(member: SFTMember, cfg: Config, tokenizer, train, clips, out: P
         opt.step()
         losses.append(loss.item())
         if (step + 1) % max(1, member.steps // 5) == 0 or step + 1 == member.steps:
-            log(f"sft {member.name}: step {step + 1}/{member.steps} loss {np.mean(losses[-20:]):.3f} "
+            progress(f"sft {member.name}", f"sft {member.name}: step {step + 1}/{member.steps} loss {np.mean(losses[-20:]):.3f} "
                 f"({time.perf_counter() - t0:.0f}s)")
     model.eval()
     vlm.train_losses = (losses[0], float(np.mean(losses[-20:]))) if losses else (None, None)
