@@ -28,7 +28,7 @@ from vpref.actors.metrics import driver_metrics
 from vpref.actors.queue import BatchQueue
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
-from vpref.config import Config, ZooMember
+from vpref.config import Config, JudgeConfig, ZooMember
 from vpref.data.manifest import Reject, Sample, append_rejects
 from vpref.data.schema import Response, response_id
 from vpref.judges.rubric import load_rubric
@@ -46,6 +46,10 @@ def judge_identity(cfg) -> tuple[str, str, str]:
 
         j = ReferenceJudge()
         return j.name, j.rubric, j.rubric_version
+    if cfg.judge.kind == "reward_model":
+        from vpref.judges.reward_model import identity
+
+        return identity(cfg.judge.model)
     r = load_rubric(cfg.judge.rubric)
     return f"llm:{Path(cfg.judge.model).name}", r.name, r.version  # as LLMJudge names itself
 
@@ -135,6 +139,17 @@ class DataEngine:
         actors = self._sleepers()
         ray.get([a.wake_up.remote() for a in actors])
         return len(actors)
+
+    def set_judge(self, judge: JudgeConfig) -> None:
+        """Judge the next builds (and `judge_items`) with `judge`: a judge schedule switches from
+        the teacher to a reward model and back.  The pool's judges are replaced; nothing else is."""
+        if judge == self.cfg.judge:
+            return
+        if judge.pairwise_check != self.cfg.judge.pairwise_check:
+            raise ValueError("a judge schedule cannot switch judge.pairwise_check between rounds")
+        self.pool.shutdown()
+        self.cfg = self.cfg.model_copy(update={"judge": judge})
+        self.pool = JudgePool(judge, self.cfg.ray.namespace)
 
     def judge_items(self, items: list[dict]) -> list:
         """Score response items outside a build (evaluation): the reference judge runs right here;

@@ -18,11 +18,15 @@ from vpref.judges.base import ResponseView, SampleView
 
 
 def make_judge(cfg: JudgeConfig, actor: str = ""):
-    """The judge a config asks for (reference judge, or an LLM judge on its backend)."""
+    """The judge a config asks for (reference judge, a reward model, or an LLM judge on its backend)."""
     if cfg.kind == "reference":
         from vpref.judges.reference import ReferenceJudge
 
         return ReferenceJudge(actor=actor)
+    if cfg.kind == "reward_model":
+        from vpref.judges.reward_model import load_reward_judge
+
+        return load_reward_judge(cfg, actor=actor)
     from vpref.judges.llm import LLMJudge
 
     if cfg.backend == "vllm":
@@ -43,11 +47,11 @@ def make_judge(cfg: JudgeConfig, actor: str = ""):
 
 
 def response_item(response_id: str, text: str, sample_id: str, question: str, answer: str | None = None,
-                  caption: str | None = None, family: str | None = None) -> dict:
+                  caption: str | None = None, family: str | None = None, video: str | None = None) -> dict:
     """A queue item for the judges: one response and what a judge may know of its question (never
-    the frames)."""
+    the frames; the video's path, for judges that read it: a video reward model)."""
     return {"kind": "response", "response_id": response_id, "text": text, "sample_id": sample_id,
-            "question": question, "answer": answer, "caption": caption, "family": family}
+            "question": question, "answer": answer, "caption": caption, "family": family, "video": video}
 
 
 def pair_item(verdict_id: str, sample_id: str, first: tuple[str, str], second: tuple[str, str], question: str,
@@ -74,6 +78,8 @@ def failed_items(judge, items: list[dict], error: str) -> tuple[list[Judgment], 
 
 def judge_items(judge, items: list[dict]) -> tuple[list[Judgment], list[Verdict]]:
     """Score response items (grouped by question) and compare pair items."""
+    if hasattr(judge, "judge_items"):  # judges that batch a whole judge batch (reward models)
+        return judge.judge_items(items)
     by_sample: dict[str, list[dict]] = defaultdict(list)
     verdicts = []
     for it in items:
