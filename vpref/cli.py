@@ -115,9 +115,12 @@ def cmd_train_rm(args) -> int:
     for e in res.evals:
         print(f"  | {e['epoch']} | {e['eval/accuracy']:.3f} | {e['eval/loss']:.3f} | {e['eval/pairs']} |")
     c = res.calibration
-    if c.get("kind") == "linear":
-        print(f"  calibration: teacher score = {c['a']:.3f} * reward + {c['b']:.3f} (clipped to [{c['lo']}, {c['hi']}]), "
-              f"R^2 {c['r2_train']:.2f} train / {c.get('r2_heldout', float('nan')):.2f} held out")
+    if c.get("kind") in ("linear", "quantile"):
+        how = (f"teacher score = {c['a']:.3f} * reward + {c['b']:.3f}, clipped to [{c['lo']}, {c['hi']}]"
+               if c["kind"] == "linear" else "the teacher's score distribution, by quantile")
+        print(f"  calibration ({c['kind']}): {how}; on {c['n']} answers: R^2 {c['r2_train']:.2f} train / "
+              f"{c.get('r2_heldout', float('nan')):.2f} held out, Spearman {c.get('spearman_heldout', float('nan')):.2f}"
+              " held out")
     else:
         print(f"  calibration: none ({c.get('why')}); the judge's score is the raw reward")
     if not res.evals:

@@ -309,6 +309,9 @@ class RMConfig(_Section):
                              ge=0, lt=1)
     center_coef: float = F(1e-3, "VLM-RLAIF's centring term: coef * |mean(r_chosen + r_rejected)|", ge=0)
     margin_weighting: bool = F(False, "weight each pair's loss by the teacher's score gap (normalised to mean 1)")
+    calibration: Literal["quantile", "linear"] = F(
+        "quantile", "reward -> teacher-scale score: quantile (the teacher's score distribution, so pairs.min_margin "
+        "keeps selecting about as many pairs) or linear (the expected teacher score; a weak RM then forms few pairs)")
     calibration_samples: int = F(512, "judged answers of training questions the rubric-scale calibration is fitted "
                                       "on (and half as many held-out ones to check it)", ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "weights dtype while training")

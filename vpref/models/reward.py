@@ -101,27 +101,53 @@ def rm_digest(path: str | Path) -> str:
 
 
 def calibrate(reward: float, calibration: dict | None) -> float:
-    """The teacher's rubric scale from a raw reward (linear fit, clipped to the range the teacher
-    used); without a calibration the raw reward itself."""
+    """The teacher's rubric scale from a raw reward (see `fit_calibration`); without a
+    calibration, the raw reward itself."""
     if not calibration or calibration.get("kind") == "none":
         return float(reward)
+    if calibration["kind"] == "quantile":
+        return float(np.interp(reward, calibration["rewards"], calibration["scores"]))
     v = calibration["a"] * reward + calibration["b"]
     return float(min(calibration["hi"], max(calibration["lo"], v)))
 
 
-def fit_calibration(rewards, scores, heldout_rewards=(), heldout_scores=()) -> dict:
-    """Least-squares teacher score ~ a * reward + b: the expected teacher score given the reward,
-    so a pair margin on the calibrated scale means what it means for the teacher's scores."""
+def fit_calibration(rewards, scores, heldout_rewards=(), heldout_scores=(), kind: str = "quantile",
+                    knots: int = 51) -> dict:
+    """A monotone map from raw reward to the teacher's score, fitted on judged answers.
+
+    * quantile: the reward at quantile q maps to the teacher's score at quantile q (piecewise
+      linear between `knots` quantiles): the RM's scores have the teacher's distribution, so a
+      pair margin selects about as many pairs as it did for the teacher.
+    * linear: least squares, teacher score ~ a * reward + b, clipped to the teacher's range: the
+      expected teacher score given the reward.  A weak RM's expected scores crowd the middle,
+      so few pairs pass a margin made for the teacher's scores.
+
+    Both keep the RM's order; held-out answers check the fit (R^2, and Spearman's rho)."""
     r, s = np.asarray(rewards, float), np.asarray(scores, float)
     if len(r) < 2 or np.ptp(r) == 0:
         return {"kind": "none", "n": int(len(r)), "why": "fewer than two distinct rewards"}
-    a, b = np.polyfit(r, s, 1)
-    out = {"kind": "linear", "a": float(a), "b": float(b), "lo": float(s.min()), "hi": float(s.max()),
-           "n": int(len(r)), "r2_train": _r2(a * r + b, s)}
+    out: dict = {"kind": kind, "n": int(len(r)), "lo": float(s.min()), "hi": float(s.max())}
+    if kind == "quantile":
+        q = np.linspace(0, 1, knots)
+        xr, ys = np.quantile(r, q), np.quantile(s, q)
+        keep = np.concatenate([[True], np.diff(xr) > 0])  # np.interp needs increasing knots
+        out.update(rewards=xr[keep].tolist(), scores=ys[keep].tolist())
+    elif kind == "linear":
+        a, b = np.polyfit(r, s, 1)
+        out.update(a=float(a), b=float(b))
+    else:
+        raise ValueError(f"unknown calibration {kind!r}; use quantile or linear")
+    out["r2_train"] = _r2(np.array([calibrate(x, out) for x in r]), s)
     if len(heldout_rewards) >= 2:
         hr, hs = np.asarray(heldout_rewards, float), np.asarray(heldout_scores, float)
-        out.update(r2_heldout=_r2(np.clip(a * hr + b, out["lo"], out["hi"]), hs), n_heldout=int(len(hr)))
+        out.update(r2_heldout=_r2(np.array([calibrate(x, out) for x in hr]), hs), n_heldout=int(len(hr)),
+                   spearman_heldout=_spearman(hr, hs))
     return out
+
+
+def _spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if np.ptp(ra) and np.ptp(rb) else 0.0
 
 
 def _r2(pred, truth) -> float:

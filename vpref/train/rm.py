@@ -344,7 +344,7 @@ def _read_evals(progress: Path) -> list[dict]:
 
 
 @ray.remote
-def _calibrate(rm_dir: str, answers_path: str, data: dict, batch_size: int) -> dict:
+def _calibrate(rm_dir: str, answers_path: str, data: dict, batch_size: int, kind: str) -> dict:
     """Fit the rubric-scale calibration on judged answers and write it into reward_model.json."""
     from vpref.models.reward import META_FILE, Clips, RewardModel, fit_calibration
     from vpref.utils import quiet_libraries
@@ -361,7 +361,8 @@ def _calibrate(rm_dir: str, answers_path: str, data: dict, batch_size: int) -> d
     split = np.array([r["split"] for r in rows])
     scores = np.array([r["score"] for r in rows], float)
     rw = np.array(rewards, float)
-    cal = fit_calibration(rw[split == "train"], scores[split == "train"], rw[split == "eval"], scores[split == "eval"])
+    cal = fit_calibration(rw[split == "train"], scores[split == "train"], rw[split == "eval"], scores[split == "eval"],
+                          kind)
     meta_path = Path(rm_dir) / META_FILE
     meta = json.loads(meta_path.read_text())
     meta["calibration"] = cal
@@ -426,7 +427,7 @@ def train_rm(cfg: RMConfig, data: DataConfig, sources: list[str], out_dir: str |
     if pq.read_metadata(out / "calibration.parquet").num_rows:
         calibration = ray.get(_calibrate.options(num_cpus=cfg.cpus_per_worker,
                                                  num_gpus=1 if cfg.use_gpu else 0).remote(
-            str(rm_dir), str(out / "calibration.parquet"), data.model_dump(), cfg.eval_batch_size))
+            str(rm_dir), str(out / "calibration.parquet"), data.model_dump(), cfg.eval_batch_size, cfg.calibration))
     res = RMResult(str(rm_dir), metrics, _read_evals(progress), calibration, summary, time.perf_counter() - t0,
                    restarts)
     (out / "result.json").write_text(json.dumps(res.summary(), indent=2, default=str))
