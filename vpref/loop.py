@@ -3,7 +3,8 @@
     theta_0 = ref_0 = SFT policy;  evaluate(theta_0)
     for t in 1..T:
         reload theta_{t-1} into the policy's generator actors        (in place, version t-1)
-        pairs_t   = build_data(zoo, judge)                             (MMAIP-V)
+        judge_t   = teacher | RM trained on the teacher's judgments   (optional judge schedule, `distill`)
+        pairs_t   = build_data(zoo, judge_t)                           (MMAIP-V)
         ref_t     = theta_{t-1} | theta_0 | a*theta_{t-1} + (1-a)*ref_{t-1}
         logp_ref  = reference_logps(ref_t, pairs_t)                    (once per round)
         theta_d   = DPO(init=theta_{t-1}, ref=logp_ref, pairs_t)       (Ray Train)
@@ -25,7 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vpref.actors.judge import response_item
 from vpref.build import DataEngine
+from vpref.judges.registry import judge_identity
 from vpref.cluster import init_ray
 from vpref.config import Config
 from vpref.data.card import write_card
@@ -243,14 +246,19 @@ def _run(cfg: Config, run_dir: Path) -> dict:
             rdir = run_dir / f"round_{t}"
             prev = state.get(t - 1, "policy") or theta[0]
             ref = _reference(cfg, state, t, prev, theta[0], rdir)
+            judge_t = _round_judge(cfg, state, engine, t)  # the teacher, or a reward model distilled from it
 
             def data():
+                engine.set_judge(judge_t)
                 engine.reload_policy(prev, version=t - 1)  # the round samples from the previous policy
                 res = engine.build(round_questions(train, cfg, t), rdir / "data", round_=t, policy_version=t - 1)
                 card = write_card(rdir / "data", res.summary())
-                return {"pairs": card["pairs"], "summary": res.summary()}
+                return {"pairs": card["pairs"], "summary": res.summary(), "judge": judge_identity(engine.cfg)[0]}
 
             built = state.stage(t, "data", data)
+            engine.set_judge(cfg.judge)  # the alpha search and evaluation stay on the teacher's scale
+            if judge_t is not cfg.judge and cfg.distill.audit_samples:
+                state.stage(t, "audit", lambda: _audit(cfg, engine, rdir, t))
             if built["pairs"] == 0:
                 raise RuntimeError(f"round {t}: the judge produced no pairs (see {rdir / 'data' / 'README.md'})")
             def reference():
@@ -292,6 +300,86 @@ def _run(cfg: Config, run_dir: Path) -> dict:
         if runner is not None and hasattr(runner.judge, "shutdown"):
             runner.judge.shutdown()
         engine.shutdown()
+
+
+def _round_judge(cfg: Config, state: RunState, engine: DataEngine, t: int):
+    """Round t's judge under the judge schedule (`distill`): the teacher (`judge`) for the first
+    `teacher_rounds` rounds, then a reward model trained on the teacher's judgments (stage `rm`,
+    once, or every round with `refresh`: from the last reward model, on all teacher judgments so
+    far, the audits included)."""
+    from vpref.config import JudgeConfig
+    from vpref.train.rm import train_rm
+
+    d, run_dir = cfg.distill, Path(cfg.run.out_dir)
+    if not d.enabled or t <= d.teacher_rounds:
+        return cfg.judge
+    first = d.teacher_rounds + 1
+    if t == first or d.refresh:
+        def train() -> dict:
+            sources = [run_dir / f"round_{k}" / "data" for k in range(1, first)]
+            sources += [run_dir / f"round_{k}" / "audit" for k in range(first, t)
+                        if (run_dir / f"round_{k}" / "audit" / "plan.json").is_file()]
+            init = state.get(t - 1, "rm")["checkpoint"] if t > first else None
+            slept = engine.sleep(level=1)  # sleep-enabled vLLM generators lend their GPUs to training
+            try:
+                r = train_rm(cfg.rm, cfg.data, [str(s) for s in sources], run_dir / f"round_{t}" / "rm",
+                             name=f"{cfg.run.name}-rm{t}", seed=cfg.run.seed + t, init=init)
+            finally:
+                if slept:
+                    engine.wake_up()
+            log(f"round {t}: reward model {r.checkpoint}: held-out pairwise accuracy {r.accuracy}")
+            return r.summary()
+
+        rm = state.stage(t, "rm", train)
+    else:
+        rm = state.get(first, "rm")
+    return JudgeConfig.model_validate({**cfg.judge.model_dump(), "kind": "reward_model", "model": rm["checkpoint"],
+                                       "backend": d.backend})
+
+
+def _audit(cfg: Config, engine: DataEngine, rdir: Path, t: int) -> dict:
+    """The teacher judges `distill.audit_samples` questions of a reward-model round: a build
+    folder `audit/` of its judgments and pairs (what a refresh learns from), and how often the
+    reward model agreed with it."""
+    from vpref.actors.writer import PairWriter, write_plan
+    from vpref.data.schema import read_records, write_shard
+
+    src, dst = rdir / "data", rdir / "audit"
+    if dst.exists():
+        shutil.rmtree(dst)  # an audit interrupted midway is redone whole
+    dst.mkdir(parents=True)
+    plan = json.loads((src / "plan.json").read_text())
+    ids = sorted(plan["samples"])
+    pick = np.random.default_rng([cfg.run.seed, t, 1]).permutation(len(ids))[:cfg.distill.audit_samples]
+    sids = {ids[i] for i in pick}
+    responses = [r for r in read_records(src, "responses") if r.sample_id in sids]
+    items = [response_item(r.response_id, r.text, r.sample_id, s["question"], s.get("answer"), s.get("caption"),
+                           s.get("family"), s.get("video"))
+             for r in responses if r.error is None for s in [plan["samples"][r.sample_id]]]
+    teacher, rubric, version = judge_identity(cfg)
+    write_plan(dst, {**plan, "samples": {k: plan["samples"][k] for k in sids},
+                     "expected": {k: plan["expected"][k] for k in sids}, "judge": teacher, "rubric": rubric,
+                     "rubric_version": version, "pairwise": False})
+    write_shard(dst, "responses", responses)
+    write_shard(dst, "judgments", engine.judge_items(items))  # engine holds the teacher again
+    status = PairWriter(str(dst), cfg.pairs.model_dump()).finalize()
+    rm_scores = {j.response_id: j.scores.get("reward", j.overall) for j in read_records(src, "judgments")
+                 if j.judge == plan["judge"] and j.ok}
+    t_scores = {j.response_id: j.overall for j in read_records(dst, "judgments") if j.ok}
+    t_pairs = [p for p in read_records(dst, "pairs")
+               if p.chosen_response_id in rm_scores and p.rejected_response_id in rm_scores]
+    rm_pairs = [p for p in read_records(src, "pairs") if p.sample_id in sids
+                and p.chosen_response_id in t_scores and p.rejected_response_id in t_scores]
+    agree = [rm_scores[p.chosen_response_id] > rm_scores[p.rejected_response_id] for p in t_pairs]
+    right = [t_scores[p.chosen_response_id] > t_scores[p.rejected_response_id] for p in rm_pairs]
+    out = {"questions": len(sids), "teacher": teacher, "reward_model": plan["judge"], "teacher_pairs": len(t_pairs),
+           "rm_accuracy_on_teacher_pairs": float(np.mean(agree)) if agree else None, "rm_pairs": len(rm_pairs),
+           "rm_pairs_teacher_agrees": float(np.mean(right)) if right else None, "judge_failures":
+           status["judge_failures"], "folder": str(dst)}
+    log(f"round {t}: audit of {len(sids)} questions by {teacher}: the reward model orders "
+        f"{out['rm_accuracy_on_teacher_pairs']} of the teacher's pairs as it does; the teacher agrees with "
+        f"{out['rm_pairs_teacher_agrees']} of the reward model's pairs")
+    return out
 
 
 def _reference(cfg: Config, state: RunState, t: int, prev: str, initial: str, rdir: Path) -> str:

@@ -164,7 +164,7 @@ class GeneratorActor:
                 )
                 responses.append(r)
                 items.append(response_item(r.response_id, r.text, it.sample_id, it.question, it.answer,
-                                           it.caption, it.family))
+                                           it.caption, it.family, it.video))
         ray.get(writer.add_responses.remote(responses))  # durable before it is judged
         queue.put_batch(items)  # blocks while the queue is full: the backpressure on generators
         self.metrics["responses"].inc(len(responses), tags={"model": self.member.name})

@@ -19,11 +19,11 @@ from vpref.judges.registry import make_judge  # noqa: F401  (its home is the jud
 
 
 def response_item(response_id: str, text: str, sample_id: str, question: str, answer: str | None = None,
-                  caption: str | None = None, family: str | None = None) -> dict:
+                  caption: str | None = None, family: str | None = None, video: str | None = None) -> dict:
     """A queue item for the judges: one response and what a judge may know of its question (never
-    the frames)."""
+    the frames; the video's path, for judges that read it: a video reward model)."""
     return {"kind": "response", "response_id": response_id, "text": text, "sample_id": sample_id,
-            "question": question, "answer": answer, "caption": caption, "family": family}
+            "question": question, "answer": answer, "caption": caption, "family": family, "video": video}
 
 
 def pair_item(verdict_id: str, sample_id: str, first: tuple[str, str], second: tuple[str, str], question: str,
@@ -56,6 +56,13 @@ def judge_items(judge, items: list[dict]) -> tuple[list[Judgment], list[Verdict]
     """Score response items (grouped by question) and compare pair items.  Never raises for what a
     judge raises: the question (or pair) it was scoring gets failure records naming the cause, and
     the other items of the batch are scored as usual."""
+    if hasattr(judge, "judge_items"):  # judges that batch a whole judge batch (reward models)
+        try:
+            return judge.judge_items(items)
+        except Exception as e:  # the batch as one unit failed: fall back to per question/pair isolation
+            from vpref.utils import log
+
+            log(f"{getattr(judge, 'name', 'judge')}: a batched judge call failed ({_why(e)}); judging item by item")
     by_sample: dict[str, list[dict]] = defaultdict(list)
     verdicts = []
     for it in items:

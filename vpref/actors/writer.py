@@ -296,7 +296,7 @@ class PairWriter:
             if r.error is None and r.response_id not in self.judgments and r.sample_id not in self.dropped:
                 s = self.samples[r.sample_id]
                 todo.append(response_item(r.response_id, r.text, r.sample_id, s["question"], s.get("answer"),
-                                          s.get("caption"), s.get("family")))
+                                          s.get("caption"), s.get("family"), s.get("video")))
         self.requested &= set(self.verdicts)  # forget requests that were lost, then ask again
         self._finish_samples(set(self.expected) - self.finished)
         return todo

@@ -19,6 +19,7 @@ JUDGE_KINDS: dict[str, str] = {
     "reference": "vpref.judges.reference",  # deterministic rubric judge of the synthetic world
     "llm": "vpref.judges.llm",  # a language model on a rubric (distributional; free text as fallback)
     "grounding": "vpref.judges.grounding",  # caption-conditioned likelihood (PMI per token) of any causal LM
+    "reward_model": "vpref.judges.reward_model",  # a Bradley-Terry reward model trained by `vpref train-rm`
 }
 
 

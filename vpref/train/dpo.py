@@ -26,9 +26,11 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from vpref.actors.placement import main_options, main_selector
+from vpref.actors.placement import main_options
 from vpref.config import DataConfig, DPOConfig
 from vpref.data.schema import read_table
+from vpref.train.job import deepspeed_config as _deepspeed_config
+from vpref.train.job import lr_factor as _lr_factor
 
 REF_COLUMNS = ("ref_chosen_logp", "ref_rejected_logp", "chosen_tokens", "rejected_tokens")
 
@@ -171,30 +173,6 @@ def reference_logps(ref_path: str | Path, pairs_dir: str | Path, out_path: str |
 # --------------------------------------------------------------------------- the worker loop
 
 
-def _deepspeed_config(cfg: DPOConfig) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
-    if cfg.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    ds = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.bf16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.offload_optimizer:  # CPU offload needs DeepSpeed's own (CPU) Adam
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
-    return ds
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker.  `config`: dpo (DPOConfig), data (DataConfig), init (HF
     folder), pairs (Parquet with reference log-probs), progress_dir, seed."""
@@ -323,52 +301,24 @@ def train_loop(config: dict) -> None:
 
 
 def _report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, processor, rank) -> None:
-    """Checkpoint (resume state; at the end also the HF export) and report it.  Every rank calls
-    report; with DeepSpeed every rank writes its own ZeRO shards into the checkpoint."""
-    import tempfile
+    """Checkpoint (resume state; at the end also the HF export) and report it (every rank)."""
+    from vpref.train.job import save_and_report
 
-    import ray.train
-    from ray.train import Checkpoint
-
-    final = step == total
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        if cfg.strategy == "deepspeed":
-            forward_model.save_checkpoint(str(d / "deepspeed"))  # tag global_stepN; the "latest" file names it
-        if rank == 0:
-            (d / "trainer_state.json").write_text(json.dumps({"step": step, "total": total,
-                                                              "resumed_from": resumed_from}))
-            if cfg.strategy != "deepspeed":
-                torch.save(model.state_dict(), d / "model_state.pt")
-                torch.save(opt.state_dict(), d / "optimizer.pt")
-        if final:
-            _export_hf(cfg, model, processor, d / "model", rank)
-        keep = rank == 0 or cfg.strategy == "deepspeed"
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if keep else None)
+    save_and_report(cfg, metrics, step, total, resumed_from, model, forward_model, opt, rank,
+                    export=lambda out: _export_hf(cfg, model, processor, out))
 
 
-def _export_hf(cfg, model, processor, out: Path, rank: int) -> None:
-    """The trained policy as an HF safetensors folder (LoRA merged; ZeRO-3 gathered)."""
-    gather = None
-    if cfg.strategy == "deepspeed" and cfg.zero_stage == 3:
-        import deepspeed
+def _export_hf(cfg, model, processor, out: Path) -> None:
+    """The trained policy as an HF safetensors folder (LoRA merged); rank 0, parameters gathered."""
+    from vpref.models.video_processors import save_processor
 
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-        gather.__enter__()
-    try:
-        if rank == 0:
-            export = model
-            if cfg.lora.enabled:
-                import copy
+    export = model
+    if cfg.lora.enabled:
+        import copy
 
-                export = copy.deepcopy(model).merge_and_unload()
-            export.save_pretrained(out)
-            from vpref.models.video_processors import save_processor
-
-            save_processor(processor, out)  # tokenizer, chat template, processor (genuine class names)
-    finally:
-        if gather is not None:
-            gather.__exit__(None, None, None)
+        export = copy.deepcopy(model).merge_and_unload()
+    export.save_pretrained(out)
+    save_processor(processor, out)  # tokenizer, chat template, processor (genuine class names)
 
 
 # --------------------------------------------------------------------------- the job
@@ -388,45 +338,18 @@ class DPOResult:
 def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | Path, out_dir: str | Path,
               name: str, seed: int = 0) -> DPOResult:
     """Run DPO on Ray Train and export the result to `out_dir/policy` (HF safetensors)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from vpref.train.job import fit, read_progress
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
     progress = out / "progress"
     config = {"dpo": dpo.model_dump(), "data": data.model_dump(), "init": str(Path(init).resolve()),
               "pairs": str(Path(pairs).resolve()), "progress_dir": str(progress), "seed": seed}
-    if dpo.num_workers == 0:  # in this process: debugging, and the floor of the speed benchmark
-        raise ValueError("dpo.num_workers=0 is not supported by train_dpo; use >= 1 worker")
-    resources = {"CPU": dpo.cpus_per_worker, **({"GPU": dpo.gpus_per_worker} if dpo.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=dpo.num_workers, use_gpu=dpo.use_gpu,
-                                     resources_per_worker=resources, label_selector=main_selector()),
-        torch_config=TorchConfig(backend="nccl" if dpo.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name, storage_path=str(out / "ray_train"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=dpo.max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"DPO run {name} produced no checkpoint (see {out / 'ray_train'})")
+    result = fit(train_loop, config, dpo, out, name)
     policy = out / "policy"
     with result.checkpoint.as_directory() as d:
         if policy.exists():
             shutil.rmtree(policy)
         shutil.copytree(Path(d) / "model", policy)
-    metrics = [json.loads(line) for line in (progress / "metrics.jsonl").read_text().splitlines()]
-    restarts = sum(1 for a, b in zip(metrics, metrics[1:]) if b["step"] <= a["step"])
-    return DPOResult(str(policy), _dedupe_steps(metrics), time.perf_counter() - t0, restarts)
-
-
-def _dedupe_steps(metrics: list[dict]) -> list[dict]:
-    """After a restart the steps since the last checkpoint are run again: keep the last run."""
-    by_step = {}
-    for m in metrics:
-        by_step[m["step"]] = m
-    return [by_step[k] for k in sorted(by_step)]
+    metrics, restarts = read_progress(progress)
+    return DPOResult(str(policy), metrics, time.perf_counter() - t0, restarts)

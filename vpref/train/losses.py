@@ -1,4 +1,4 @@
-"""Preference losses (TRL's names and formulas), in one small function.
+"""Preference losses (TRL's names and formulas) and the reward model's Bradley-Terry loss.
 
 h = [log pi(y_w|x) - log ref(y_w|x)] - [log pi(y_l|x) - log ref(y_l|x)], sequence log-probs summed
 over the answer tokens.
@@ -64,3 +64,37 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             raise ValueError("the NLL term needs chosen_tokens")
         loss = loss + nll_coef * (-(policy_chosen / chosen_tokens)).mean()
     return DPOOutput(loss, losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+@dataclass
+class RMOutput:
+    loss: torch.Tensor  # scalar, to backpropagate
+    losses: torch.Tensor  # per pair (weighted), before the centring term
+    chosen: torch.Tensor  # rewards (detached)
+    rejected: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        margin = self.chosen - self.rejected
+        return {
+            "loss": self.loss.item(),
+            "rewards/chosen": self.chosen.mean().item(),
+            "rewards/rejected": self.rejected.mean().item(),
+            "rewards/margin": margin.mean().item(),
+            "rewards/accuracy": (margin > 0).float().mean().item(),
+        }
+
+
+def rm_loss(chosen: torch.Tensor, rejected: torch.Tensor, center_coef: float = 1e-3,
+            weights: torch.Tensor | None = None) -> RMOutput:
+    """Bradley-Terry reward-model loss on per-pair scalar rewards (VLM-RLAIF's recipe):
+
+        mean_i w_i * -log s(r_c,i - r_r,i)  +  center_coef * |mean_i (r_c,i + r_r,i)|
+
+    The first term is BCE-with-logits on r_c - r_r with label 1; the second keeps the rewards
+    centred on 0 (a BT model only fixes differences).  `weights`: per-pair weights (e.g. the
+    judge's score gap, normalised to mean 1), none = 1."""
+    losses = -F.logsigmoid(chosen - rejected)
+    if weights is not None:
+        losses = losses * weights
+    loss = losses.mean() + center_coef * (chosen + rejected).mean().abs()
+    return RMOutput(loss, losses.detach(), chosen.detach(), rejected.detach())
