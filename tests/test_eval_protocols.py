@@ -252,3 +252,26 @@ def test_an_engine_that_fails_gives_failure_records_not_an_exception():
                                                          Item("b", _item("colour", "p", "a"))])
     assert [r.ok for r in ratings] == [False, False] and "refused" in ratings[0].error
     json.dumps([r.to_json() for r in ratings])  # failure records go to eval_ratings.jsonl as they are
+
+
+def test_distributional_suite_judge_reads_the_protocols_labels_through_the_scoring_seam(tiny_ckpt):
+    """eval.judge.mode=distribution on a real (random tiny) HF model: the value is the most likely
+    of the labels after the template's prefill, the expectation and the label mass are kept, and a
+    mass under the threshold is a failure record with its cause."""
+    from vpref.eval.judge import DistributionalSuiteJudge
+    from vpref.judges.engines.hf import ChatLM
+
+    engine = ChatLM.load(tiny_ckpt)
+    items = [Item("a", _item("colour", "p", "a")), Item("b", _item("shape", "q", "b"))]
+    ratings = DistributionalSuiteJudge(engine, min_mass=0.0).rate("vcgpt_correctness", items)
+    assert all(r.ok for r in ratings)
+    for r in ratings:
+        probs = eval(r.raw)  # the renormalised distribution over "0".."5"
+        assert sorted(probs) == [str(i) for i in range(6)] and abs(sum(probs.values()) - 1) < 1e-3
+        assert r.value["score"] == int(max(probs, key=probs.get))
+        assert abs(r.value["expected"] - sum(int(k) * v for k, v in probs.items())) < 1e-3
+        assert 0 < r.value["label_mass"] <= 1
+    strict = DistributionalSuiteJudge(engine, min_mass=1.0).rate("vcgpt_correctness", items)
+    assert [r.ok for r in strict] == [False, False] and all(r.error.startswith("low_mass") for r in strict)
+    judge = DistributionalSuiteJudge(engine)
+    assert judge.version("vcgpt_correctness").endswith("+dist") and judge.name.startswith("llm:")

@@ -14,6 +14,7 @@ from conftest import engine_config
 from vpref.data.manifest import load_manifest
 from vpref.data.schema import read_records
 from vpref.data.world import perturb
+from vpref.errors import WorkFailed
 from vpref.judges.base import ResponseView, SampleView
 from vpref.judges.engines.hf import ChatLM
 from vpref.judges.engines.loopback import ModelServer
@@ -155,11 +156,14 @@ def test_malformed_judge_output_is_counted_nothing_is_lost_and_the_queue_pushes_
     from vpref.build import DataEngine
 
     cfg = engine_config(world, sft_zoo, tmp_path, "judge.kind=llm", f"judge.model={tiny_ckpt}",
-                        "judge.pool.max=1", "judge.pool.batch_size=4", "build.queue_size=6")
+                        "judge.pool.max=1", "judge.pool.batch_size=4", "build.queue_size=6",
+                        "build.max_judge_failure_rate=1.0")  # all fail here: count them all, do not stop early
     samples = load_manifest(world / "train.jsonl").samples[:40]
     engine = DataEngine(cfg, tmp_path / "state")
     try:
-        res = engine.build(samples, tmp_path / "data")
+        with pytest.raises(WorkFailed, match="no pairs") as e:  # a build that made no pair exits non-zero
+            engine.build(samples, tmp_path / "data")
+        res = e.value.result
     finally:
         engine.shutdown()
     st = res.status

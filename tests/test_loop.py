@@ -90,7 +90,7 @@ def test_vpref_run_as_a_ray_job_resumes_after_being_stopped_mid_round(head, worl
         "pairs": {"min_margin": 0.1},
         "loop": {"rounds": 1, "questions_per_round": 40, "alpha_grid": None, "alpha": 0.3},
         "dpo": {"num_workers": 1, "epochs": 1, "batch_size": 4},
-        "eval": {"max_samples": 24},
+        "eval": {"max_samples": 24, "max_items": 6},  # every suite runs, on 6 items per set
     }
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -9,8 +9,8 @@ import torch
 
 from vpref.judges.engines.reading import Reply, read_step
 from vpref.judges.parsing import JudgeParseError, parse_label
-from vpref.judges.scoring import (Chain, LabelQuery, LabelScores, candidate_ids, complete_probs, label_distributions,
-                                  plan_rows, sequential_chains, to_distribution)
+from vpref.judges.scoring import (Chain, LabelQuery, LabelScores, candidate_ids, common_prefix, complete_probs,
+                                  label_distributions, plan_rows, sequential_chains, to_distribution)
 
 SCALE10 = tuple(str(i) for i in range(1, 11))
 
@@ -41,25 +41,28 @@ def _logp(lm, ids):
 
 
 def test_distribution_matches_a_hand_computation_on_a_tiny_model(tiny_lm):
-    """Labels 1..10 after "Relevance: " on the tiny tokenizer: "1" and "10" merge the space into
-    'Ġ1', "4" does not ('Ġ', '4'), "10" is two tokens.  Every probability is recomputed here from
-    plain forwards of the model."""
+    """Labels 1..10 after "Relevance: " on the tiny tokenizer, whatever it merges (a space into
+    'Ġ1', or '10' as one token after 'Ġ'): every label's probability is recomputed here from plain
+    forwards of the model over its own in-context tokens, and "1" loses what goes on to "10" when
+    "10"'s tokens extend "1"'s."""
     q = LabelQuery("Rate the answer.", "Relevance: ", SCALE10)
     got = tiny_lm.label_logprobs([q])[0].probs
     text = tiny_lm.render(q.prompt, q.prefill)
     enc = tiny_lm.encode
-    base = enc(text)
-    n = len(base)
-    assert tiny_lm.tokenizer.convert_ids_to_tokens(enc(text + "1")[n - 1:]) == ["Ġ1"]
-    assert tiny_lm.tokenizer.convert_ids_to_tokens(enc(text + "4")[n - 1:]) == ["Ġ", "4"]
-    assert tiny_lm.tokenizer.convert_ids_to_tokens(enc(text + "10")[n - 1:]) == ["Ġ1", "0"]
-    lp_base, lp_one = _logp(tiny_lm, base), _logp(tiny_lm, enc(text + "1"))
-    g1, g, four, zero = enc(text + "1")[n - 1], base[n - 1], enc(text + "4")[n], enc(text + "10")[n]
-    p_g1 = lp_base[n - 2, g1].exp()  # P(' 1' | 'Relevance:')
-    p10 = p_g1 * lp_one[n - 1, zero].exp()
-    assert got["10"] == pytest.approx(float(p10), rel=1e-4)
-    assert got["1"] == pytest.approx(float(p_g1 - p10), rel=1e-4)  # "1" minus the mass that goes on to "10"
-    assert got["4"] == pytest.approx(float(lp_base[n - 2, g].exp() * lp_base[n - 1, four].exp()), rel=1e-4)
+    ids = {lbl: enc(text + lbl) for lbl in SCALE10}
+    start = min(common_prefix(ids["1"], ids[lbl]) for lbl in SCALE10)  # the first token some label changes
+    assert start < len(enc(text)) + 1
+
+    def seq_p(full):
+        lp = _logp(tiny_lm, full)
+        return float(sum(lp[i - 1, full[i]] for i in range(start, len(full))).exp())
+
+    want = {lbl: seq_p(ids[lbl]) for lbl in SCALE10}
+    if ids["10"][:len(ids["1"])] == ids["1"]:  # "10" continues "1" token by token: the terminator rule
+        want["1"] -= want["10"]
+    assert max(len(ids[lbl]) - start for lbl in SCALE10) >= 2  # some label is more than one token here
+    for lbl in SCALE10:
+        assert got[lbl] == pytest.approx(want[lbl], rel=1e-4, abs=1e-9), lbl
     d = to_distribution(LabelScores(got), SCALE10, min_mass=0.25)
     assert d.mass == pytest.approx(sum(got.values())) and sum(d.probs.values()) == pytest.approx(1.0)
     assert d.expected == pytest.approx(sum(int(k) * p for k, p in d.probs.items()))

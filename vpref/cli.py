@@ -7,7 +7,7 @@ import json
 import time
 
 from vpref.config import ConfigError, describe_keys, load_config
-from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, say, terminal
+from vpref.utils import configure as configure_output, keep_internal_logs, quiet_libraries, release_internal_logs, say, terminal
 
 
 def _config(args):
@@ -416,7 +416,10 @@ def main(argv=None) -> int:
 
     configure_output(verbose=getattr(args, "verbose", False))
     try:
-        return args.fn(args)
+        try:
+            return args.fn(args)
+        finally:  # the error below goes to the caller's stderr; an in-process caller gets its fds back
+            release_internal_logs()
     except ConfigError as e:
         print(f"vpref: {e}", file=terminal())
         return exit_code(e)

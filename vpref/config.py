@@ -529,6 +529,12 @@ class EvalJudgeConfig(_Section):
     model: str | None = F(None, "llm: checkpoint folder (hf, vllm), model name at the endpoint (openai), or "
                                 "'smollm2' (the packaged SmolLM2-135M-Instruct)")
     backend: Literal["hf", "vllm", "openai"] = F("hf", "llm: engine backend")
+    mode: Literal["text", "distribution"] = F(
+        "text", "llm: text (generate the protocol's reply and parse it, as the papers do) or distribution (the "
+        "label probabilities after the template's prefill, through the judges' scoring seam; the most likely label "
+        "is the value, the expectation is kept)")
+    min_label_mass: float = F(0.25, "distribution mode: least probability on the protocol's labels; below it the "
+                                    "rating is a counted failure", ge=0, le=1)
     api_base: str | None = F(None, "openai backend: base URL of the OpenAI-compatible endpoint")
     api_key_env: str = F("OPENAI_API_KEY", "openai backend: environment variable holding the API key")
     api_concurrency: int = F(8, "openai backend: requests in flight", ge=1)

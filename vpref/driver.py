@@ -240,9 +240,14 @@ def drive(engine, samples, out: Path, round_: int, todo: dict, by_id: dict, t0: 
     n_rej = append_rejects(out / "rejects.jsonl", rejects)
     elapsed = time.perf_counter() - t0
     engine._progress(status, 0, engine.pool.counts(), elapsed)
-    check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build, cfg.judge,
-                 cfg.pairs, final=True)
-    return BuildResult(str(out), status, decodes, elapsed, n_rej, list(engine.pool.events), timeline)
+    result = BuildResult(str(out), status, decodes, elapsed, n_rej, list(engine.pool.events), timeline)
+    try:
+        check_budget(f"build {out}", status, lambda: ray.get(writer.failure_summary.remote()), cfg.build, cfg.judge,
+                     cfg.pairs, final=True)
+    except WorkFailed as e:
+        e.result = result  # what the finished build did, for a caller that reports it anyway
+        raise
+    return result
 
 
 def check_judges(engine, stats: list[dict], counts: dict, waiting: int, no_judge_since, out: Path):

@@ -56,7 +56,13 @@ OPERATIONAL = ("ray", "run.name", "run.out_dir", "loop.rounds", "synth", "sft", 
                "judge.api_timeout_s", "judge.api_retries", "data.decoders", "data.decode_timeout_s",
                "build.queue_size", "build.out", "build.stall_timeout_s", "build.max_attempts",
                "build.max_judge_failure_rate", "build.max_generation_failure_rate", "zoo.*.replicas",
-               "zoo.*.resources", "dpo.max_failures", "dpo.checkpoint_every", "dpo.ref_batch_size", "eval.batch_size")
+               "zoo.*.resources", "dpo.max_failures", "dpo.checkpoint_every", "dpo.ref_batch_size", "eval.batch_size",
+               # how an endpoint is reached and paid for, not what it answers
+               "judge.api_timeout_s", "judge.api_backoff_s", "judge.api_backoff_max_s", "judge.api_breaker_failures",
+               "judge.api_breaker_cooldown_s", "judge.api_requests_per_minute", "judge.api_tokens_per_minute",
+               "judge.api_cache_dir", "judge.api_key_env", "judge.price_input_per_mtok", "judge.price_output_per_mtok",
+               "judge.rm_batch_size", "eval.judge.batch_size", "eval.judge.num_cpus", "eval.judge.num_gpus",
+               "eval.judge.api_concurrency", "eval.judge.api_timeout_s", "eval.judge.api_key_env")
 
 
 def _flat(node, prefix: str = "") -> dict:

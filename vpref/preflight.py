@@ -65,7 +65,13 @@ def check_files(cfg: Config, command: str) -> list[Problem]:
             out.append(Problem(f"zoo.{i}.path", m.path, f"zoo member {m.name!r}: not a Hugging Face checkpoint folder "
                                                          f"(no config.json); {made_by}"))
     j = cfg.judge
-    if j.kind == "llm" and j.backend in ("hf", "vllm") and j.model and not Path(j.model).exists():
+    from vpref.judges.engines import SMOLLM2
+
+    if j.kind == "reward_model" and j.model and not (Path(j.model) / "reward_model.json").is_file():
+        out.append(Problem("judge.model", j.model, "not a reward model folder (no reward_model.json); `vpref train-rm "
+                                                   "CONFIG` writes one at rm.out/rm"))
+    if j.kind in ("llm", "grounding") and j.backend in ("hf", "vllm") and j.model and j.model != SMOLLM2 \
+            and not Path(j.model).exists():
         if j.model.startswith(("/", ".", "~")) or j.model.count("/") != 1:  # a path, not a hub id (org/name)
             out.append(Problem("judge.model", j.model, "no such judge checkpoint folder; put the judge model there "
                                                        "(the hf and vllm judge backends load a local folder), or "

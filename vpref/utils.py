@@ -39,6 +39,7 @@ class _Term:
         self.last_print: dict[str, float] = {}
         self.out = None  # the terminal, when stderr itself goes to a log file (keep_internal_logs)
         self.stdout = None  # the terminal's stdout, likewise
+        self.release = None  # undoes keep_internal_logs
 
     @property
     def stream(self):
@@ -148,33 +149,50 @@ def configure(verbose: bool | None = None, log_dir: str | Path | None = None) ->
         _term.file = open(d / "vpref.log", "a")
 
 
+def _console(stream, fd: int):
+    """Where vpref's own lines go once fd `fd` points at the log file: a copy of the fd when
+    `stream` writes to it, else `stream` itself (an in-process caller that replaced sys.stdout /
+    sys.stderr, e.g. a test capturing them, keeps reading vpref's lines there)."""
+    try:
+        if stream.fileno() == fd:
+            return os.fdopen(os.dup(fd), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return stream
+
+
 def keep_internal_logs(log_dir: str | Path) -> Path:
     """Send everything but vpref's own output to `<log_dir>/driver.log`: whatever is written to
     file descriptors 1 and 2 (Ray's C++ core, gRPC, Ray's and Ray Train's console handlers,
     libraries that log to stdout such as DeepSpeed, plain `print`), Python warnings and logging.
     vpref's `log`/`progress` lines and `say` (tables) stay on the terminal; an uncaught exception
-    is shown there too.  For command-line entry points only."""
+    is shown there too.  For command-line entry points; `release_internal_logs` undoes it (the
+    command line calls it when the command ends, so an in-process caller gets its fds back)."""
     import logging
     import traceback
 
+    release_internal_logs()
     d = Path(log_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / "driver.log"
     sys.stdout.flush()
     sys.stderr.flush()
-    terminal = os.fdopen(os.dup(2), "w", buffering=1)
-    _term.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    saved = (os.dup(1), os.dup(2))
+    terminal, _term.stdout = _console(sys.stderr, 2), _console(sys.stdout, 1)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
     _term.out = terminal  # vpref's own lines keep going to the terminal
     logging.captureWarnings(True)
-    handler = logging.StreamHandler(sys.stderr)  # = driver.log now
+    handler = logging.StreamHandler(sys.stderr)  # = driver.log now (or the caller's stream)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    if logging.getLogger().level > logging.INFO:
-        logging.getLogger().setLevel(logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    old_hook = sys.excepthook
 
     def excepthook(kind, value, tb):
         text = "".join(traceback.format_exception(kind, value, tb))
@@ -185,7 +203,36 @@ def keep_internal_logs(log_dir: str | Path) -> Path:
         terminal.flush()
 
     sys.excepthook = excepthook
+
+    def undo() -> None:
+        _term.commit()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for k in saved:
+            os.close(k)
+        for mine, theirs in ((_term.out, sys.stderr), (_term.stdout, sys.stdout)):
+            if mine is not None and mine is not theirs:
+                mine.close()
+        _term.out = _term.stdout = None
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        logging.captureWarnings(False)
+        sys.excepthook = old_hook
+
+    _term.release = undo
     return path
+
+
+def release_internal_logs() -> None:
+    """Give fds 1 and 2 back to what they were before `keep_internal_logs` (a no-op otherwise)."""
+    undo, _term.release = getattr(_term, "release", None), None
+    if undo is not None:
+        undo()
 
 
 def terminal():

@@ -24,7 +24,6 @@ class VideoDecoder:
     def __init__(self, num_frames: int, size, timeout_s: float):
         self.num_frames, self.size, self.timeout_s = num_frames, size, timeout_s
         self.decodes = 0
-        self.crashes = 0
         self.by_video: dict[str, int] = {}
 
     def decode(self, path: str) -> Clip:
@@ -39,7 +38,6 @@ class VideoDecoder:
             except VideoDecodeError as e:
                 if not e.cause.startswith(CRASH):
                     raise
-                self.crashes += 1
                 print(f"decoder: the decode child crashed on {path} (attempt {attempt + 1}); retrying", flush=True)
         raise VideoDecodeError(path, f"{CRASH} on each of {1 + CRASH_RETRIES} attempts (the file crashes the decoder)")
 
@@ -51,7 +49,11 @@ class VideoDecoder:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def counts(self) -> dict:
-        return {"decodes": self.decodes, "by_video": self.by_video, "crashes": self.crashes}
+        from vpref.data import video
+
+        # crashes: every decode child that died in this actor (decode_video retries one with PyAV
+        # itself, so not all of them reach the retry loop above)
+        return {"decodes": self.decodes, "by_video": self.by_video, "crashes": video._worker.crashes}
 
 
 RemoteDecoder = ray.remote(VideoDecoder)

@@ -125,8 +125,14 @@ class GeneratorActor:
             return [None] * len(requests)
         new = self.member.sampling.max_new_tokens
         out = []
+        cache = self.__dict__.setdefault("_video_prompt_tokens", {})
         for r in requests:
-            n = len(vlm.prompt_ids(r.question, r.frames.shape))
+            # the prompt's length without the question, once per clip shape (it runs the processor),
+            # plus the question's tokens: exact up to a merge at the boundary
+            key = (tuple(r.frames.shape), r.fps)
+            if key not in cache:
+                cache[key] = len(vlm.prompt_ids("", r.frames, r.fps))
+            n = cache[key] + len(vlm.tokenizer(r.question, add_special_tokens=False)["input_ids"])
             out.append(None if n + new <= limit else
                        f"prompt of {n:,} tokens + {new} new tokens exceeds the model's context of {limit:,} tokens "
                        f"(question of {len(r.question):,} characters)")

@@ -207,6 +207,7 @@ class _DecodeWorker:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self.crashes = 0  # children that died mid-decode (each decode was tried again, see decode_video)
 
     def _start(self) -> None:
         env = dict(os.environ)
@@ -238,6 +239,7 @@ class _DecodeWorker:
                 raise VideoDecodeError(path, f"decoder did not finish within {timeout_s:g}s (hung or too slow)")
             except (EOFError, BrokenPipeError, OSError):
                 self._kill()
+                self.crashes += 1
                 raise VideoDecodeError(path, CRASHED) from None
         if status == "err":
             raise VideoDecodeError(*payload)

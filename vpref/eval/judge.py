@@ -1,7 +1,7 @@
 """The one seam between the evaluation suites and a judge: `rate(protocol, items) -> ratings`.
 
 Every judge the suites run -- the reference judge, any LLM engine through text, and (hook) a
-distributional scorer -- implements
+distributional scorer on the judges' scoring seam -- implements
 
     name                                   who judges (named in every table)
     version(protocol) -> str               what it judged with (template hash, or rule hash)
@@ -131,16 +131,17 @@ class LLMSuiteJudge:
 
 
 class DistributionalSuiteJudge:
-    """HOOK (distributional path), to be wired to the judges' scoring API once it lands.
+    """The distributional path on the judges' scoring seam (`vpref.judges.scoring`): the
+    probability of each of the protocol's labels right after its prefilled reply (e.g.
+    "{'score': " then "0".."5"; a template may override `prefill` and `labels` with `{% set %}`),
+    from any engine with `label_logprobs` (HF ChatLM, vLLM, an endpoint's top logprobs).  The value
+    is the most likely label (the papers' integer) and the expectation is kept alongside
+    (`Protocol.from_label_probs`).  A label mass below `min_mass` is a failure record."""
 
-    `scorer.label_probs(prompts, prefill, labels) -> [{label: probability}]` is the one call it
-    needs: the probability of each label right after the protocol's prefilled reply (e.g.
-    "{'score': " then "0".."5"; templates may override prefill and labels with `{% set %}`).  The
-    value is the most likely label (the papers' integer), and the expectation is kept alongside
-    (`Protocol.from_label_probs`).  No logprob engine lives here on purpose."""
-
-    def __init__(self, scorer, name: str, templates_dir: str | None = None, batch_size: int = 16):
-        self.scorer, self.name, self.batch_size = scorer, name, batch_size
+    def __init__(self, engine, name: str | None = None, templates_dir: str | None = None, batch_size: int = 16,
+                 min_mass: float = 0.25):
+        self.engine, self.batch_size, self.min_mass = engine, batch_size, min_mass
+        self.name = name or f"llm:{Path(str(engine.path)).name}"
         self.templates = templates(str(templates_dir) if templates_dir else None)
 
     def version(self, proto: str) -> str:
@@ -150,21 +151,35 @@ class DistributionalSuiteJudge:
         return self.templates.suite_version(suite, protocols) + "+dist"
 
     def rate(self, proto: str, items: list[Item]) -> list[Rating]:
+        from vpref.judges.scoring import LabelQuery, label_distributions
+
         p = protocol(proto)
         prefill, labels = self.templates.answer_format(proto)
-        out = []
-        for it in items:
+        ratings: dict[int, Rating] = {}
+        queries: dict[int, LabelQuery] = {}
+        for k, it in enumerate(items):
             missing = _missing(proto, it)
             if missing:
-                out.append(Rating(it.id, False, error=f"item has no {missing} (protocol {proto} needs them)"))
-                continue
+                ratings[k] = Rating(it.id, False, error=f"item has no {missing} (protocol {proto} needs them)")
+            else:
+                queries[k] = LabelQuery(as_one_prompt(*self.templates.render(proto, it.fields)), prefill or "",
+                                        tuple(labels), tag=self.version(proto))
+        todo = sorted(queries)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
             try:
-                probs = self.scorer.label_probs([as_one_prompt(*self.templates.render(proto, it.fields))],
-                                                prefill, labels)[0]
-                out.append(Rating(it.id, True, p.from_label_probs(probs), raw=repr(probs), attempts=1))
-            except (ReplyError, ValueError, KeyError) as e:
-                out.append(Rating(it.id, False, error=f"no label distribution: {e}", attempts=1))
-        return out
+                dists = label_distributions(self.engine, [queries[k] for k in chunk], self.min_mass)
+            except Exception as e:  # the engine itself failed: these items fail, the rest go on
+                dists = [e] * len(chunk)
+            for k, d in zip(chunk, dists):
+                if isinstance(d, Exception):
+                    ratings[k] = Rating(items[k].id, False, error=f"judge engine failed: {type(d).__name__}: {d}")
+                elif not d.ok:
+                    ratings[k] = Rating(items[k].id, False, error=f"{d.failure or 'failed'}: {d.error}", raw=d.raw)
+                else:
+                    value = {**p.from_label_probs(d.probs), "label_mass": round(d.mass, 4)}
+                    ratings[k] = Rating(items[k].id, True, value, raw=repr({lb: round(q, 4) for lb, q in d.probs.items()}))
+        return [ratings[k] for k in range(len(items))]
 
 
 # --------------------------------------------------------------------------- construction
@@ -194,6 +209,9 @@ def make_suite_judge(jcfg):
     """The judge an `eval.judge` config asks for, in this process."""
     if jcfg.kind == "reference":
         return ReferenceSuiteJudge()
+    if jcfg.mode == "distribution":
+        return DistributionalSuiteJudge(make_engine(jcfg), None, jcfg.templates_dir, jcfg.batch_size,
+                                        jcfg.min_label_mass)
     return LLMSuiteJudge(make_engine(jcfg), jcfg.templates_dir, jcfg.max_retries, jcfg.max_new_tokens,
                          jcfg.temperature, jcfg.retry_temperature, jcfg.batch_size)
 

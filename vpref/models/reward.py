@@ -241,9 +241,12 @@ class RewardModel(nn.Module):
 
         out = Path(out)
         (lm or self.lm).save_pretrained(out)
-        self.tokenizer.save_pretrained(out)
-        if self.vlm is not None:
-            self.vlm.preprocessor.save_pretrained(out)
+        if self.vlm is not None:  # the family's processor: tokenizer, chat template, video processor
+            from vpref.models.video_processors import save_processor
+
+            save_processor(self.vlm.processor, out)
+        else:
+            self.tokenizer.save_pretrained(out)
         save_file({"score.weight": self.score.weight.detach().float().cpu().contiguous()}, out / HEAD_FILE)
         full = {**self.meta, **meta, "format": FORMAT, "kind": self.kind, "video": self.video,
                 "prompt_version": PROMPT_VERSION, "read": "last token (end of the answer's turn)"}

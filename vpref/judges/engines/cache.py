@@ -32,7 +32,7 @@ class JudgmentCache:
     def get(self, key: str) -> dict | None:
         try:
             return json.loads(gzip.decompress(self._path(key).read_bytes()))
-        except (FileNotFoundError, OSError, ValueError):  # absent, or a torn file from a crash: ask again
+        except (OSError, EOFError, ValueError):  # absent, or a torn file from a crash: ask again
             return None
 
     def put(self, key: str, value: dict) -> None:

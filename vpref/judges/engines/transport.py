@@ -34,28 +34,38 @@ class CircuitOpen(EndpointError):
 
 class CircuitBreaker:
     """Open after `threshold` consecutive failed requests; after `cooldown_s` one trial request is
-    let through (half open): its success closes the breaker, its failure opens it again."""
+    let through (half open): its success closes the breaker, its failure opens it again.  Requests
+    that arrive while the trial is in flight wait for its outcome (up to `trial_wait_s`) rather than
+    fail: a recovered endpoint then loses no judgment to the breaker."""
 
-    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic):
-        self.threshold, self.cooldown_s, self.clock = threshold, cooldown_s, clock
+    def __init__(self, threshold: int, cooldown_s: float, clock=time.monotonic, trial_wait_s: float = 120.0):
+        self.threshold, self.cooldown_s, self.clock, self.trial_wait_s = threshold, cooldown_s, clock, trial_wait_s
         self.failures, self.opened_at, self.trial, self.last_cause = 0, None, False, ""
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+
+    def _refusal(self, endpoint: str, left: float) -> CircuitOpen:
+        return CircuitOpen(f"circuit open for {endpoint}: {self.failures} consecutive requests failed, last cause: "
+                           f"{self.last_cause}; not sent (next trial in {max(0.0, left):.0f}s, "
+                           "judge.api_breaker_cooldown_s)")
 
     def check(self, endpoint: str) -> None:
         with self._lock:
             if self.opened_at is None:
                 return
             left = self.cooldown_s - (self.clock() - self.opened_at)
-            if left <= 0 and not self.trial:
+            if left > 0:
+                raise self._refusal(endpoint, left)
+            if not self.trial:
                 self.trial = True  # half open: this request is the trial
                 return
-            raise CircuitOpen(f"circuit open for {endpoint}: {self.failures} consecutive requests failed, last cause: "
-                              f"{self.last_cause}; not sent (next trial in {max(0.0, left):.0f}s, "
-                              "judge.api_breaker_cooldown_s)")
+            self._lock.wait_for(lambda: not self.trial, timeout=self.trial_wait_s)
+            if self.opened_at is not None:  # the trial failed (or is still out): not sent
+                raise self._refusal(endpoint, self.cooldown_s - (self.clock() - self.opened_at))
 
     def success(self) -> None:
         with self._lock:
             self.failures, self.opened_at, self.trial = 0, None, False
+            self._lock.notify_all()
 
     def failure(self, cause: str) -> None:
         with self._lock:
@@ -63,6 +73,7 @@ class CircuitBreaker:
             self.last_cause = cause
             if self.failures >= self.threshold or self.trial:
                 self.opened_at, self.trial = self.clock(), False
+            self._lock.notify_all()
 
     @property
     def is_open(self) -> bool:
