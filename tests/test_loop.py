@@ -60,7 +60,7 @@ def head(tmp_path_factory):
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=10)  # the head exits in seconds; then its whole group is killed
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 
