@@ -168,3 +168,39 @@ def test_vllm_request_planning():
     assert single_token_plan([[1, 2, 7], [1, 2, 7, 0]], 2) is None  # "1" and "10": teacher forcing rows
     rows, which = maximal_sequences([[1, 2, 7], [1, 2, 7, 0], [1, 2, 8]])
     assert rows == [[1, 2, 7, 0], [1, 2, 8]] and which == [0, 0, 1]
+
+
+def test_an_endpoint_whose_tokeniser_keeps_the_space_apart_is_read_after_the_space():
+    """SmolLM2-like replies over real HTTP: after "Relevance:" the model would rather write text
+    (' The' 0.9) than a lone space (0.05), and no merged ' 4' token exists.  The HF engine, which
+    tokenises the prefill "Relevance: " in context, scores the labels after the space token; the
+    endpoint must too (before: p(space) was multiplied in, and every judgment was a low-mass failure)."""
+    from vpref.judges.engines.loopback import ModelServer
+    from vpref.judges.engines.openai import OpenAIChat
+
+    def entry(tok, lp, top):
+        return {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}
+
+    class Scripted(ModelServer):
+        def complete(self, body, logprobs):
+            prefill = body["messages"][-1]["content"]
+            if prefill.endswith(" "):  # the second request, prefilled with the lone space
+                content = [entry("4", math.log(0.6), [("4", math.log(0.6)), ("3", math.log(0.3)), ("x", math.log(0.1))]),
+                           entry("\n", 0.0, [("\n", 0.0)])]
+            else:
+                content = [entry(" The", math.log(0.9), [(" The", math.log(0.9)), (" ", math.log(0.05))]),
+                           entry(" circle", 0.0, [(" circle", 0.0)])]
+            return {"choices": [{"index": 0, "finish_reason": "length", "logprobs": {"content": content},
+                                 "message": {"role": "assistant", "content": "".join(e["token"] for e in content)}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": len(content)}}
+
+    server = Scripted(None, model_name="scripted")
+    try:
+        api = OpenAIChat(server.base_url, "scripted", prefill="continue", concurrency=1, retries=0)
+        got = api.label_logprobs([LabelQuery("Rate the answer.", "Relevance: ", ("1", "2", "3", "4", "5"))])[0]
+    finally:
+        server.shutdown()
+    assert got.error is None and server.requests == 2
+    assert got.probs["4"] == pytest.approx(0.6, rel=1e-6) and got.probs["3"] == pytest.approx(0.3, rel=1e-6)
+    d = to_distribution(got, ("1", "2", "3", "4", "5"), min_mass=0.25)
+    assert d.ok and d.mass == pytest.approx(0.9, rel=1e-6)

@@ -217,8 +217,16 @@ class OpenAIChat:
                 return self._failed(e, reply.text)
             usage = usage.add(u2)
             after = read_step(more, "", q.labels, 0)
-            for lbl, v in (after.probs or {}).items():
-                probs[lbl] = probs.get(lbl, 0.0) + p * v
+            if any(v > 0 for v in probs.values()):
+                # the tokeniser merges the space into labels (" 5"): both spellings of "writes ' 5'"
+                # count, as the HF engine scores the merged token from before the space
+                for lbl, v in (after.probs or {}).items():
+                    probs[lbl] = probs.get(lbl, 0.0) + p * v
+            else:
+                # no merged label token at all: the tokeniser keeps the space apart, and the HF
+                # engine (tokenising in context) then scores the labels *after* the prefill's space;
+                # so does this, instead of multiplying in p(the model writes a lone space here)
+                probs = dict(after.probs or {})
         return LabelScores(probs, path=reply.path, raw=reply.text, usage=usage,
                            error=None if step.reached else step.note, failure="" if step.reached else "unparsed")
 
