@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,7 +337,7 @@ class DPOResult:
 def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | Path, out_dir: str | Path,
               name: str, seed: int = 0) -> DPOResult:
     """Run DPO on Ray Train and export the result to `out_dir/policy` (HF safetensors)."""
-    from vpref.train.job import fit, read_progress
+    from vpref.train.job import copy_export, fit, read_progress
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -346,10 +345,6 @@ def train_dpo(dpo: DPOConfig, data: DataConfig, init: str | Path, pairs: str | P
     config = {"dpo": dpo.model_dump(), "data": data.model_dump(), "init": str(Path(init).resolve()),
               "pairs": str(Path(pairs).resolve()), "progress_dir": str(progress), "seed": seed}
     result = fit(train_loop, config, dpo, out, name)
-    policy = out / "policy"
-    with result.checkpoint.as_directory() as d:
-        if policy.exists():
-            shutil.rmtree(policy)
-        shutil.copytree(Path(d) / "model", policy)
+    policy = copy_export(result, out / "policy")
     metrics, restarts = read_progress(progress)
     return DPOResult(str(policy), metrics, time.perf_counter() - t0, restarts)

@@ -57,6 +57,19 @@ def fit(train_loop, config: dict, job, out_dir: str | Path, name: str):
     return result
 
 
+def copy_export(result, dest: str | Path) -> Path:
+    """The model the job exported into its last checkpoint (`<checkpoint>/model`), copied to
+    `dest` (replacing what was there)."""
+    import shutil
+
+    dest = Path(dest)
+    with result.checkpoint.as_directory() as d:
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(Path(d) / "model", dest)
+    return dest
+
+
 def read_progress(progress_dir: str | Path, file: str = "metrics.jsonl") -> tuple[list[dict], int]:
     """(metrics per step, restarts): after a restart the steps since the last checkpoint run again."""
     path = Path(progress_dir) / file

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 import zlib
 from collections import defaultdict
@@ -399,7 +398,7 @@ def train_rm(cfg: RMConfig, data: DataConfig, sources: list[str], out_dir: str |
     """Train a reward model on `sources` and write it to `out_dir/rm` (see the module docstring).
     `init`: start from this folder instead of rm.backbone (a refresh continues from the last RM)."""
     from vpref.models.reward import read_meta
-    from vpref.train.job import fit, read_progress
+    from vpref.train.job import copy_export, fit, read_progress
 
     t0 = time.perf_counter()
     out = Path(out_dir).resolve()
@@ -417,11 +416,7 @@ def train_rm(cfg: RMConfig, data: DataConfig, sources: list[str], out_dir: str |
     config = {"rm": cfg.model_dump(), "data": data.model_dump(), "init": init, "pairs": str(out / "pairs.parquet"),
               "progress_dir": str(progress), "seed": seed, "meta": meta}
     result = fit(train_loop, config, cfg, out, name)
-    rm_dir = out / "rm"
-    with result.checkpoint.as_directory() as d:
-        if rm_dir.exists():
-            shutil.rmtree(rm_dir)
-        shutil.copytree(Path(d) / "model", rm_dir)
+    rm_dir = copy_export(result, out / "rm")
     metrics, restarts = read_progress(progress)
     calibration = {"kind": "none", "why": "no judged answers with scores"}
     if pq.read_metadata(out / "calibration.parquet").num_rows:
