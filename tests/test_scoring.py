@@ -174,15 +174,20 @@ def test_an_endpoint_whose_tokeniser_keeps_the_space_apart_is_read_after_the_spa
     """SmolLM2-like replies over real HTTP: after "Relevance:" the model would rather write text
     (' The' 0.9) than a lone space (0.05), and no merged ' 4' token exists.  The HF engine, which
     tokenises the prefill "Relevance: " in context, scores the labels after the space token; the
-    endpoint must too (before: p(space) was multiplied in, and every judgment was a low-mass failure)."""
+    endpoint must too (before: p(space) was multiplied in, and every judgment was a low-mass failure).
+    A query deep into a rubric (a long reply already prefilled) asks for a few tokens only: before,
+    max_tokens grew with the prefill, up to 512 billed and decoded tokens per label read."""
     from vpref.judges.engines.loopback import ModelServer
     from vpref.judges.engines.openai import OpenAIChat
 
     def entry(tok, lp, top):
         return {"token": tok, "logprob": lp, "top_logprobs": [{"token": t, "logprob": v} for t, v in top]}
 
+    bodies = []
+
     class Scripted(ModelServer):
         def complete(self, body, logprobs):
+            bodies.append(body)
             prefill = body["messages"][-1]["content"]
             if prefill.endswith(" "):  # the second request, prefilled with the lone space
                 content = [entry("4", math.log(0.6), [("4", math.log(0.6)), ("3", math.log(0.3)), ("x", math.log(0.1))]),
@@ -197,10 +202,13 @@ def test_an_endpoint_whose_tokeniser_keeps_the_space_apart_is_read_after_the_spa
     server = Scripted(None, model_name="scripted")
     try:
         api = OpenAIChat(server.base_url, "scripted", prefill="continue", concurrency=1, retries=0)
-        got = api.label_logprobs([LabelQuery("Rate the answer.", "Relevance: ", ("1", "2", "3", "4", "5"))])[0]
+        earlier = "".join(f"Aspect {k}: 3\n" for k in range(40))  # what the chain already wrote
+        got = api.label_logprobs([LabelQuery("Rate the answer.", earlier + "Relevance: ",
+                                             ("1", "2", "3", "4", "5"))])[0]
     finally:
         server.shutdown()
     assert got.error is None and server.requests == 2
+    assert [b["max_tokens"] for b in bodies] == [5, 5]  # the label (1 char) and 4 to spare
     assert got.probs["4"] == pytest.approx(0.6, rel=1e-6) and got.probs["3"] == pytest.approx(0.3, rel=1e-6)
     d = to_distribution(got, ("1", "2", "3", "4", "5"), min_mass=0.25)
     assert d.ok and d.mass == pytest.approx(0.9, rel=1e-6)

@@ -189,9 +189,14 @@ class OpenAIChat:
                            raw=raw)
 
     def _max_tokens(self, steps) -> int:
-        """Enough tokens to reach the last label (a token is at least one character)."""
-        need = sum(len(before) + max(map(len, labels)) for before, labels in steps) + 4
-        return min(512, need + (16 if self.prefill == "none" else 0))
+        """Enough tokens to reach the last label (a token is at least one character).  A continued
+        prefill is already written: the reply needs only the text after it, so a query deep into a
+        rubric asks for a few tokens, not for the length of everything before it (output tokens are
+        what an API bills most and what a server spends its decode steps on)."""
+        cont = self.prefill == "continue"
+        need = sum((0 if cont and k == 0 else len(before)) + max(map(len, labels))
+                   for k, (before, labels) in enumerate(steps)) + 4
+        return min(512, need + (0 if cont else 16))
 
     def _one(self, q: LabelQuery) -> LabelScores:
         """One query.  continue: the prefill goes without its trailing spaces, so the model writes
