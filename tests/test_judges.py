@@ -257,3 +257,21 @@ def test_the_judgment_cache_survives_a_torn_file_and_keys_on_everything(tmp_path
     assert cache.get(k) == {"content": "Relevance: 4"} and len(cache) == 1
     cache._path(k).write_bytes(b"\x1f\x8b torn")  # a crash mid-write elsewhere: ask again, do not fail
     assert cache.get(k) is None
+
+
+def test_position_bias_at_any_mass_reads_low_mass_verdicts():
+    """A judge whose verdict mass is too low for any judgment (SmolLM2 puts ~4% on A/B after
+    "Winner: ") still shows its lean: 'A' in both orders follows the position, whatever the answers."""
+    from vpref.data.schema import Verdict
+    from vpref.judges.judge_eval import _any_mass_flip
+
+    def v(ok, pab, pba, consistent=False):
+        return Verdict("p", "s", "r", "w", "A" if ok else None, "B" if ok else None, ok, consistent,
+                       probs_ab={"A": pab, "B": 1 - pab}, probs_ba={"A": pba, "B": 1 - pba})
+
+    assert _any_mass_flip(v(False, 0.9, 0.8)) == [1.0]  # A both times: the slot won, not the answer
+    assert _any_mass_flip(v(False, 0.9, 0.2)) == [0.0]  # the same answer both times
+    assert _any_mass_flip(v(True, 0.9, 0.2, consistent=True)) == [0.0]
+    assert _any_mass_flip(v(True, 0.9, 0.8, consistent=False)) == [1.0]
+    empty = Verdict("p", "s", "r", "w", None, None, False, False)  # an endpoint failure: nothing to read
+    assert _any_mass_flip(empty) == []

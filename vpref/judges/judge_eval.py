@@ -115,6 +115,7 @@ class _Per:
         self.pairs: list[list[float]] = []  # per question: 1 / 0.5 / 0 per (correct, wrong) pair
         self.pairs_any: list[list[float]] = []  # the same, reading failed distributional judgments too
         self.flips: list[list[float]] = []  # per question: 1 when the verdict followed the position
+        self.flips_any: list[list[float]] = []  # the same, reading low-mass verdicts' probabilities too
         self.verdict_right: list[list[float]] = []  # per question: consistent verdict picks the correct answer
         self.slopes: list[list[float]] = []  # per question: score change per word, long vs short
         self.scores: list[dict[str, float]] = []  # per question: response id -> overall (ok judgments)
@@ -137,6 +138,16 @@ def _any_mass_score(j) -> float | None:
         except ValueError:
             return None
     return sum(vals) / len(vals) if vals else None
+
+
+def _any_mass_flip(v) -> list[float]:
+    """Whether a verdict followed the position, read off its label probabilities even when their
+    mass was too low for a judgment (a small judge's bias is still visible there)."""
+    if v.ok:
+        return [float(not v.consistent)]
+    if not v.probs_ab or not v.probs_ba:
+        return []
+    return [float(max(v.probs_ab, key=v.probs_ab.get) == max(v.probs_ba, key=v.probs_ba.get))]
 
 
 def evaluate_judge(judge, items: list[Item], compare: bool = True) -> tuple[dict, _Per]:
@@ -174,6 +185,7 @@ def evaluate_judge(judge, items: list[Item], compare: bool = True) -> tuple[dict
                               ResponseView(wrong.response_id, wrong.text))
             t_cmp += time.perf_counter() - t0
             n_verdicts += 1
+            per.flips_any.append(_any_mass_flip(v))
             if not v.ok:
                 n_verdict_failed += 1
                 per.flips.append([])
@@ -200,6 +212,7 @@ def figures(per: _Per, ref: _Per | None, idx) -> dict:
     out = {"pairwise_accuracy": _mean_flat([per.pairs[i] for i in idx]) if per.pairs else None,
            "pairwise_accuracy_any_mass": _mean_flat([per.pairs_any[i] for i in idx]) if per.pairs_any else None,
            "position_bias": _mean_flat([per.flips[i] for i in idx]) if per.flips else None,
+           "position_bias_any_mass": _mean_flat([per.flips_any[i] for i in idx]) if per.flips_any else None,
            "verdict_accuracy": _mean_flat([per.verdict_right[i] for i in idx]) if per.verdict_right else None}
     slope = _mean_flat([per.slopes[i] for i in idx]) if per.slopes else None
     out["length_bias_per_10_words"] = 10 * slope if slope is not None else None
@@ -348,6 +361,17 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['name']} | {_ci(r, 'pairwise_accuracy')} | {_ci(r, 'kendall_tau')} | "
                      f"{_ci(r, 'position_bias')} | {_ci(r, 'length_bias_per_10_words', 3)} | {fr} | "
                      f"{r.get('judgments_per_s') or '-'} |")
+    low = [r for r in report["judges"] if r.get("failure_rate") or r.get("verdict_failure_rate")]
+    if low:
+        lines += ["", "Read at any label mass (the distributions of low-mass failures too; not judgments, a "
+                  "diagnostic of what a weak judge leans to):", "",
+                  "| judge | failed judgments | failed verdicts | pairwise accuracy, any mass "
+                  "| position bias, any mass |", "|---|---|---|---|---|"]
+        for r in low:
+            vf = f"{r['verdict_failure_rate']:.1%}" if r.get("verdict_failure_rate") is not None else "-"
+            jf = f"{r['failure_rate']:.1%}" if r.get("failure_rate") is not None else "-"
+            lines.append(f"| {r['name']} | {jf} | {vf} | {_ci(r, 'pairwise_accuracy_any_mass')} | "
+                         f"{_ci(r, 'position_bias_any_mass')} |")
     if report["agreement"]:
         lines += ["", "| judges | Kendall τ | same order of two answers | pairs |", "|---|---|---|---|"]
         lines += [f"| {a['a']} vs {a['b']} | {a['kendall_tau']} | {a['pair_agreement']} | {a['pairs']} |"
