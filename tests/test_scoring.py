@@ -140,6 +140,12 @@ def test_reading_labels_off_an_endpoints_top_logprobs():
     second = read_step(reply, "Accuracy:", labels, first.end)
     # a merged " 3", and after the lone space (the generated token) the digits of the next position
     assert second.probs == pytest.approx({"1": 0.8 * 0.4, "2": 0.8 * 0.5, "3": 0.1, "4": 0, "5": 0})
+    # no merged label at all (SmolLM2 keeps the space apart): the digits are read given the space the
+    # reply wrote, not times p(" ") = 0.09 (which made a low-mass failure of what HF scores at mass 0.9)
+    apart = Reply("Relevance:", " 1-5", [_tok(" ", .09, [(" The", .5), (" ", .09), (" It", .08)]),
+                                         _tok("1", .8, [("1", .8), ("2", .1)]), _tok("-", .9), _tok("5", .9)], "length")
+    got = read_step(apart, "Relevance:", labels)
+    assert got.probs == pytest.approx({"1": 0.8, "2": 0.1, "3": 0, "4": 0, "5": 0})
     ten = Reply("Score: ", "10}", [_tok("1", .7, [("1", .7), ("5", .2)]), _tok("0", .6, [("0", .6), ("}", .3)]),
                                    _tok("}", .9)], "stop")
     got = read_step(ten, "Score:", SCALE10)

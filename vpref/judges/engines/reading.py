@@ -5,7 +5,8 @@ the prefill (its header, e.g. "Accuracy:"): at that position the top-k alternati
 strings with log-probs.  A label's probability is the sum over the alternatives that spell it:
 
 * leading whitespace belongs to no label: " 4" spells "4", and a lone " " continues the label in
-  the next token;
+  the next token; where no alternative merges a space into a label (tokenisers that keep the
+  space apart), the next token's labels are read given the lone space, as the HF engine does;
 * a label is complete when nothing can extend it into a longer label ("1" when "10" is also a
   label), or when the text after it is not a letter or digit ("4\\n", "4}");
 * an alternative that is only the start of a label (" " before "4", "1" before "10") can be
@@ -79,6 +80,11 @@ def _starts(labels, t: str) -> list[str]:
     return [lbl for lbl in labels if lbl.startswith(t) and lbl != t]
 
 
+def _begins_label(t: str, labels) -> bool:
+    """`t` is a label, the start of one, or a label followed by more text."""
+    return bool(t) and any(lbl.startswith(t) or t.startswith(lbl) for lbl in labels)
+
+
 def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped: bool, out: dict,
           unseen: list | None = None) -> None:
     tok, lp, top = tokens[j]
@@ -88,6 +94,12 @@ def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped:
     if tok not in alternatives:  # the generated token is always one of them
         alternatives[tok] = math.exp(lp)
     last = j + 1 >= len(tokens)
+    # a tokeniser with no merged " 5" here keeps the space apart: the label is read *after* the
+    # space the reply wrote, given it (what the HF engine scores, tokenising "Accuracy: 5" in
+    # context), rather than multiplying in p(the model writes a lone space) -- which a small judge
+    # that would rather write words gives little, and every such read was a low-mass failure
+    merged = not consumed and any(a[len(q):][:1].isspace() and _begins_label(a[len(q):].strip(), labels)
+                                  for a in alternatives if a.startswith(q))
     for s, ps in alternatives.items():
         if not s.startswith(q):
             continue
@@ -97,7 +109,8 @@ def _walk(tokens, j: int, q: str, labels, consumed: str, weight: float, stopped:
             r = r.lstrip()
             if not r:  # whitespace only: the label starts later, seen only along the reply
                 if s == tok and not last:
-                    _walk(tokens, j + 1, "", labels, "", p, stopped, out)
+                    given = s[len(q):] == " " and not merged
+                    _walk(tokens, j + 1, "", labels, "", weight if given else p, stopped, out)
                 elif unseen is not None and s != tok:
                     unseen.append((consumed + s[len(q):], p))
                 continue
