@@ -226,6 +226,7 @@ def test_the_card_breaks_the_win_rate_down_by_model_family(family_ckpts, tmp_pat
     assert sum(w["chosen"] for w in fam.values()) == sum(wins.values()) == len(pairs)
     text = (write_card(tmp_path), (tmp_path / "README.md").read_text())[1]
     assert "## Model families" in text and "| llava_onevision | llava | 4 | 2.0 | 0 | 4 | 0.0 |" in text
+    assert "Endpoint usage" not in text  # a local judge sent no request: no line of zeros
 
 
 def test_the_three_family_gpu_recipe_and_the_smollm2_demo_config():

@@ -337,6 +337,7 @@ def test_endpoint_build_with_generated_captions_is_cached_and_never_writes_the_k
     assert usage["requests"] >= 8 and usage["input_tokens"] > 0 and usage["cost_usd"] > 0
     assert stats["judge"]["generated_captions"]["questions"] == len(samples)
     assert "## Judge" in (tmp_path / "b1" / "README.md").read_text()
+    assert f"Endpoint usage: {usage['requests']} requests" in (tmp_path / "b1" / "README.md").read_text()
     assert write_card(tmp_path / "b2")["judge"]["usage"]["cache_hits"] == 8
     # the key: sent to the endpoint, written nowhere
     assert set(served.auth) == {f"Bearer {E2E_KEY}"}

@@ -103,6 +103,9 @@ def _judge_markdown(j: dict) -> str:
     cap_line = (f"Generated captions: {caps['questions']} questions ({caps['videos']} videos) read a caption written by "
                 f"{', '.join(caps['models'])} from {caps['clips']} clips (`captions.jsonl`).\n"
                 if caps.get("videos") else "")
+    usage_line = (f"Endpoint usage: {u['requests']} requests, {u['cache_hits']} judgments from the cache, "
+                  f"{u['input_tokens']} input and\n{u['output_tokens']} output tokens, cost ${u['cost_usd']:.4f}.\n"
+                  if u["requests"] or u["cache_hits"] else "")  # a local judge sends none: no line of zeros
     o = j["overall"]
     return f"""## Judge
 
@@ -110,9 +113,7 @@ Judge {', '.join(f'`{x}`' for x in j['judges']) or '-'}: {j['judgments']} judgme
 {j['failure_rate']:.1%} (by cause: {causes}); produced by {', '.join(f'{k} {v}' for k, v in j['paths'].items()) or '-'}.
 Overall score of the successful judgments: mean {o['mean']}, 10th percentile {o['p10']}, median {o['median']},
 90th percentile {o['p90']}; per aspect {j['aspect_means']}.
-{mass_line}Endpoint usage: {u['requests']} requests, {u['cache_hits']} judgments from the cache, {u['input_tokens']} input and
-{u['output_tokens']} output tokens, cost ${u['cost_usd']:.4f}.
-{cap_line}"""
+{mass_line}{usage_line}{cap_line}"""
 
 
 def card_stats(out_dir: str | Path) -> dict:
