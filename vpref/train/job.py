@@ -51,10 +51,38 @@ def fit(train_loop, config: dict, job, out_dir: str | Path, name: str):
             failure_config=FailureConfig(max_failures=job.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit_interruptibly(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} produced no checkpoint (see {out / 'ray_train'})")
     return result
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()` in a helper thread, so that Ctrl-C is a KeyboardInterrupt in the caller.
+
+    Called from the main thread, Ray Train replaces the process's SIGINT handler with its own for
+    good: a Ctrl-C during a job aborted it and ended the process with exit code 1 and no message,
+    and any Ctrl-C after the first job (an eval, the next round's build) did nothing but call
+    sys.exit inside whatever was running.  From another thread it registers none.  On an interrupt
+    the run is left to its owner: the command line ends its cluster, and on a cluster the
+    controller, an actor of this driver, ends with it; a later run resumes from its checkpoint."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread below
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(timeout=1.0)  # a short wait, so a signal is seen at once
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def copy_export(result, dest: str | Path) -> Path:
