@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from vpref.config import ConfigError, describe_keys, load_config
@@ -409,20 +410,44 @@ def exit_code(e: BaseException) -> int:
     return 1
 
 
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # not imported for commands that need no cluster
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_own_ray() -> None:
+    """End the local cluster (or the connection) this command started, while its output still goes
+    where the command's does: left to exit time, Ray's last lines (actors killed on an interrupt)
+    came after vpref's final line."""
+    if _ray_running():
+        try:
+            sys.modules["ray"].shutdown()
+        except Exception:  # exiting anyway: a failed shutdown must not hide the command's own outcome
+            pass
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     from vpref.errors import VprefError
 
     configure_output(verbose=getattr(args, "verbose", False))
+    had_ray = _ray_running()
     try:
         try:
             return args.fn(args)
         finally:  # the error below goes to the caller's stderr; an in-process caller gets its fds back
+            if not had_ray:
+                _stop_own_ray()
             release_internal_logs()
     except ConfigError as e:
         print(f"vpref: {e}", file=terminal())
         return exit_code(e)
-    except (VprefError, FileNotFoundError, ValueError, KeyboardInterrupt) as e:
-        print(f"vpref {args.command}: {e or 'interrupted'}", file=terminal())
+    except KeyboardInterrupt as e:  # str(KeyboardInterrupt()) is empty: say what happened and what is kept
+        resumes = args.command in ("build-data", "run", "demo")  # the commands with durable, resumable stages
+        print(f"vpref {args.command}: interrupted" + ("; what finished is kept, and the same command resumes from it"
+                                                      if resumes else ""), file=terminal())
+        return exit_code(e)
+    except (VprefError, FileNotFoundError, ValueError) as e:
+        print(f"vpref {args.command}: {e}", file=terminal())
         return exit_code(e)
