@@ -176,6 +176,14 @@ def test_a_second_command_on_a_locked_folder_says_who_holds_it_and_a_dead_holder
     with FolderLock(run_dir, "run"):
         assert json.loads((run_dir / ".vpref.lock").read_text())["pid"] == os.getpid()
     assert f"taking over the lock of pid {holder.pid}" in capsys.readouterr().err
+    # a holder that released the lock (a finished or interrupted command) is not "gone": no takeover
+    subprocess.run([sys.executable, "-c", f"from vpref.folders import FolderLock; "
+                                          f"FolderLock({str(run_dir)!r}, 'run').acquire().release()"], check=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(vpref.__file__).resolve().parents[1])})
+    assert (run_dir / ".vpref.lock").read_text() == ""
+    with FolderLock(run_dir, "run"):
+        pass
+    assert "taking over" not in capsys.readouterr().err
 
 
 def test_resuming_with_changed_settings_is_refused_and_config_yaml_keeps_the_finished_stages_settings(

@@ -78,6 +78,7 @@ class FolderLock:
         entry[1] -= 1
         if entry[1] == 0:
             del _held[self._id]
+            os.ftruncate(entry[0], 0)  # released, not abandoned: only a holder that died leaves its record
             fcntl.flock(entry[0], fcntl.LOCK_UN)  # the file stays: unlinking it would race a waiting process
             os.close(entry[0])
         self._id = None
