@@ -33,7 +33,7 @@ from conftest import engine_config
 from vpref.cli import exit_code, main
 from vpref.data.manifest import Sample, load_manifest
 from vpref.data.schema import read_records, read_table
-from vpref.errors import FolderConflict, InputError, WorkFailed
+from vpref.errors import FolderConflict, WorkFailed
 
 KEYS = {"responses": "response_id", "judgments": "judgment_id", "pairs": "pair_id"}
 

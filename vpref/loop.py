@@ -236,7 +236,6 @@ def _run(cfg: Config, run_dir: Path) -> dict:
         if dev is not None:
             require_questions(cfg, "dev", dev.samples, rejects)
         theta = [str(Path(policy_member.path).resolve())]  # theta_0 = the SFT policy
-        refs = [theta[0]]
 
         def evaluate(t: int, path: str) -> dict:
             engine.reload_policy(path, version=t)
